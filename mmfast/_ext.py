@@ -1,0 +1,112 @@
+"""Loading of the compiled extension, and the report of what this install can run.
+
+Nothing here raises at import time: a missing or unloadable ``mmfast._C`` or a missing GPU only
+makes the corresponding backends unavailable, with the reason recorded for ``mmfast.backends()``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+import platform
+from typing import Any
+
+import torch
+
+_C: Any = None
+_C_ERROR: str | None = None
+
+
+def _cpu_supports_build() -> str | None:
+    """The x86 build is compiled with AVX2+FMA; refuse to load it on a CPU without them."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap in ("AVX2", "AVX512"):
+        return None
+    return f"this CPU lacks AVX2 (torch reports {cap}); rebuild with MMFAST_CPU_ISA=generic"
+
+
+def _load() -> None:
+    global _C, _C_ERROR
+    if os.environ.get("MMFAST_DISABLE_EXT", "0") == "1":
+        _C_ERROR = "disabled by MMFAST_DISABLE_EXT=1"
+        return
+    if importlib.util.find_spec("mmfast._C") is None:
+        _C_ERROR = "mmfast._C is not built (pure-Python install, or MMFAST_NO_EXT=1 at build time)"
+        return
+    reason = _cpu_supports_build()
+    if reason:
+        _C_ERROR = reason
+        return
+    try:
+        _C = importlib.import_module("mmfast._C")
+    except Exception as exc:  # noqa: BLE001 - any load failure degrades to the fallbacks
+        _C_ERROR = f"mmfast._C failed to load: {type(exc).__name__}: {exc}"
+
+
+_load()
+
+
+def has_cpp() -> bool:
+    return _C is not None
+
+
+def has_cuda_ext() -> bool:
+    return _C is not None and bool(_C.build_info().get("cuda"))
+
+
+@functools.lru_cache(maxsize=None)
+def triton_status() -> tuple[bool, str]:
+    """(usable, how): Triton on a GPU, or the interpreter on CPU tensors (TRITON_INTERPRET=1)."""
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed"
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return True, "interpreter (TRITON_INTERPRET=1): runs on CPU tensors, slow, for testing"
+    if torch.cuda.is_available():
+        return True, f"GPU: {torch.cuda.get_device_name()}"
+    return False, "no CUDA GPU visible (set TRITON_INTERPRET=1 to run kernels in the interpreter)"
+
+
+def build_info() -> dict[str, Any]:
+    return dict(_C.build_info()) if _C is not None else {}
+
+
+def backends() -> dict[str, dict[str, Any]]:
+    """What this install can run, and why anything is missing.
+
+    Returns ``{name: {"available": bool, "detail": str}}`` for ``cpp`` (the C++ CPU kernels),
+    ``cuda`` (the compiled CUDA kernels, which also need a GPU), ``triton`` and ``reference``.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    info = build_info()
+    if _C is not None:
+        out["cpp"] = {
+            "available": True,
+            "detail": f"{info.get('compiler')}, OpenMP threads {info.get('openmp_max_threads')}, "
+            f"vector ISA {info.get('cpu_vector_isa')}",
+        }
+    else:
+        out["cpp"] = {"available": False, "detail": _C_ERROR or "not built"}
+    if _C is None:
+        out["cuda"] = {"available": False, "detail": _C_ERROR or "not built"}
+    elif not info.get("cuda"):
+        out["cuda"] = {"available": False, "detail": "CUDA sources were not compiled into this build"}
+    elif not torch.cuda.is_available():
+        out["cuda"] = {
+            "available": False,
+            "detail": f"compiled (CUDA {info.get('cuda_version')}, archs {info.get('cuda_archs')}) "
+            "but no CUDA GPU is visible",
+        }
+    else:
+        out["cuda"] = {
+            "available": True,
+            "detail": f"CUDA {info.get('cuda_version')}, archs {info.get('cuda_archs')}, "
+            f"GPU {torch.cuda.get_device_name()}",
+        }
+    ok, how = triton_status()
+    out["triton"] = {"available": ok, "detail": how}
+    out["reference"] = {"available": True, "detail": "pure PyTorch, any device"}
+    return out

@@ -1,0 +1,151 @@
+"""Test helpers shared by the test suite and the benchmarks.
+
+* :func:`assert_accuracy` applies the accuracy rule of STYLE.md: a kernel's error against a
+  high-precision reference must be at most ``factor`` (2) times the error of plain PyTorch in the
+  same low precision against that same reference, plus a tiny absolute floor that only matters when
+  the plain-PyTorch error is exactly zero (fp32 ops that are exact in both).
+* :func:`run_distributed` runs a function in ``world_size`` real gloo processes on 127.0.0.1 with a
+  timeout, and re-raises every rank's exception with its traceback. A hang fails; a bad exit code
+  fails even when the results were already sent back.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import tempfile
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["assert_accuracy", "max_abs_err", "run_distributed", "free_port"]
+
+
+def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.detach().double() - b.detach().double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_accuracy(
+    out: torch.Tensor,
+    ref_lowp: torch.Tensor,
+    ref_high: torch.Tensor,
+    *,
+    factor: float = 2.0,
+    floor: float | None = None,
+    name: str = "output",
+) -> None:
+    """Assert ``|out - ref_high| <= factor * |ref_lowp - ref_high| + floor`` (max norms).
+
+    ``out``: the kernel's result. ``ref_lowp``: plain PyTorch computed in the same dtype as the
+    kernel's inputs. ``ref_high``: the same computation in float64 (or float32 for half inputs).
+    ``floor`` defaults to a few ulps of ``out``'s dtype times the reference magnitude, so that an
+    exactly-representable plain-PyTorch result does not demand bit equality from a kernel that
+    reassociates sums.
+    """
+    if out.shape != ref_high.shape:
+        raise AssertionError(f"{name}: shape {tuple(out.shape)} != reference {tuple(ref_high.shape)}")
+    if not torch.isfinite(out).all():
+        raise AssertionError(f"{name}: kernel output has non-finite values")
+    if floor is None:
+        eps = torch.finfo(out.dtype).eps if out.dtype.is_floating_point else 0.0
+        scale = ref_high.detach().abs().max().item() if ref_high.numel() else 0.0
+        floor = 8 * eps * max(scale, 1.0)
+    err = max_abs_err(out, ref_high)
+    base = max_abs_err(ref_lowp, ref_high)
+    bound = factor * base + floor
+    if err > bound:
+        raise AssertionError(
+            f"{name}: max error {err:.3e} exceeds {factor}x plain-PyTorch error {base:.3e} "
+            f"+ floor {floor:.1e} (dtype {out.dtype})"
+        )
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    os.environ["RANK"] = str(rank)
+    os.environ["WORLD_SIZE"] = str(world_size)
+    torch.set_num_threads(1)
+    result: dict[str, Any]
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        try:
+            value = fn(rank, world_size, *args)
+            result = {"ok": True, "value": value}
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent verbatim
+        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "tb": traceback.format_exc()}
+    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
+        pickle.dump(result, f)
+
+
+def run_distributed(
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0
+) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` gloo processes; return each rank's value.
+
+    ``fn`` and its arguments must be picklable (a module-level function). Values are returned
+    through pickle files, so tensors are fine. Raises ``RuntimeError`` naming every failing rank
+    with its traceback, or ``TimeoutError`` when any process is still running after ``timeout``
+    seconds (those processes are killed first).
+    """
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="mmfast-dist-") as out_dir:
+        procs = [
+            ctx.Process(target=_worker, args=(r, world_size, port, fn, args, out_dir), daemon=True)
+            for r in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        import time
+
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        alive = [r for r, p in enumerate(procs) if p.is_alive()]
+        if alive:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                    p.join(5)
+            raise TimeoutError(f"run_distributed: ranks {alive} still running after {timeout:.0f}s")
+        results: list[Any] = []
+        errors: list[str] = []
+        for r, p in enumerate(procs):
+            path = os.path.join(out_dir, f"rank{r}.pkl")
+            if not os.path.exists(path):
+                errors.append(f"rank {r}: exited with code {p.exitcode} and no result")
+                continue
+            with open(path, "rb") as f:
+                res = pickle.load(f)
+            if not res["ok"]:
+                errors.append(f"rank {r}: {res['error']}\n{res['tb']}")
+            elif p.exitcode != 0:
+                errors.append(f"rank {r}: returned a result but exited with code {p.exitcode}")
+            else:
+                results.append(res["value"])
+        if errors:
+            raise RuntimeError("run_distributed failed:\n" + "\n".join(errors))
+        return results
+
+
+def split_sizes(total: int, parts: int) -> Sequence[int]:
+    """Near-equal split of ``total`` items into ``parts`` (the first ones get the remainder)."""
+    base, rem = divmod(total, parts)
+    return [base + (1 if i < rem else 0) for i in range(parts)]

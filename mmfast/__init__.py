@@ -1,6 +1,13 @@
-"""mmfast: fused CUDA/C++ and Triton kernels for image-text pretraining."""
+"""mmfast: fused CUDA/C++ and Triton kernels for image-text pretraining.
 
+Import is cheap and never fails for a missing extension or GPU: see ``mmfast.backends()`` and
+``python -m mmfast.info``.
+"""
+
+from mmfast import functional
 from mmfast._ext import backends
 from mmfast._version import __version__
+from mmfast.nn import ClipLoss, SigLipLoss
+from mmfast.ops import use_backend
 
-__all__ = ["__version__", "backends"]
+__all__ = ["__version__", "backends", "functional", "use_backend", "ClipLoss", "SigLipLoss"]

@@ -1,0 +1,356 @@
+"""Exact CLIP and SigLIP losses across ranks with a grouped all-gather.
+
+Images stay on their rank; text features travel. Rank r computes the tiles of its image rows
+against every text column, and:
+
+forward:  texts are all-gathered inside the rank's group (``intra``), then the group block is
+          all-gathered over the ``column`` ring (the same position in every other group), issued
+          asynchronously while the tiles of the own group are computed. CLIP also combines the
+          column log-sum-exp partials of every rank (two all-reduces of N floats).
+backward: the text-gradient partials of other groups' blocks are reduce-scattered over the
+          ``column`` ring (asynchronously, while the own group's tiles are computed), then over
+          ``intra``. Image gradients are complete locally.
+
+Elements sent per rank per step: (W-1)*B*D forward + (W-1)*B*D backward, plus O(W*B) for the
+log-sum-exp exchange: half of open_clip's local_loss + gather_with_grad (4(W-1)*B*D). Unequal
+local batch sizes are supported (blocks are padded to the largest one for the collectives).
+
+Gradient semantics are open_clip's, per flag (see mmfast.reference.contrastive.simulate_ranks).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from mmfast.distributed.groups import GroupLayout, get_layout
+from mmfast.ops import contrastive as tiles
+from mmfast.ops.contrastive_loss import positive_logits
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+
+def exchange_sizes(image: Tensor, text: Tensor, layout: GroupLayout) -> list[int]:
+    """All-gather (B, D, dtype, ok) from every rank; raise the same error on every rank when they
+    disagree, so a bad input on one rank never leaves the others blocked in a later collective."""
+    ok = int(image.shape == text.shape)
+    info = torch.tensor([image.shape[0], image.shape[1], _DTYPE_CODES.get(image.dtype, -1), ok],
+                        dtype=torch.int64, device=image.device)
+    out = torch.empty(layout.world_size * 4, dtype=torch.int64, device=image.device)
+    dist.all_gather_into_tensor(out, info, group=layout.group)
+    rows = out.view(layout.world_size, 4).tolist()
+    bad = [r for r, row in enumerate(rows) if not row[3]]
+    if bad:
+        raise ValueError(f"image_features and text_features shapes differ on rank(s) {bad}")
+    if len({row[1] for row in rows}) != 1:
+        raise ValueError(f"embedding size D differs across ranks: {[row[1] for row in rows]}")
+    if len({row[2] for row in rows}) != 1:
+        raise ValueError("feature dtype differs across ranks")
+    sizes = [row[0] for row in rows]
+    if min(sizes) < 1:
+        raise ValueError(f"every rank needs at least one sample; local batch sizes are {sizes}")
+    return sizes
+
+
+class _TextExchange:
+    """Texts of every rank, gathered in rank order: own group first, the rest when they arrive."""
+
+    def __init__(self, text: Tensor, sizes: list[int], layout: GroupLayout):
+        self.layout, self.sizes = layout, sizes
+        self.bmax = max(sizes)
+        self.uneven = len(set(sizes)) > 1
+        g = layout.group_size
+        local = text.detach()
+        if self.uneven and local.shape[0] < self.bmax:
+            local = torch.cat([local, local.new_zeros(self.bmax - local.shape[0], local.shape[1])])
+        local = local.contiguous()
+        if layout.intra is not None:
+            grp = local.new_empty(g * self.bmax, local.shape[1])
+            dist.all_gather_into_tensor(grp, local, group=layout.intra)
+        else:
+            grp = local
+        self.group_block = grp
+        self._work = None
+        if layout.column is not None:
+            self.all_padded = grp.new_empty(layout.num_groups * grp.shape[0], grp.shape[1])
+            self._work = dist.all_gather_into_tensor(self.all_padded, grp, group=layout.column, async_op=True)
+        else:
+            self.all_padded = grp
+
+    def ranks_of_group(self, k: int) -> range:
+        g = self.layout.group_size
+        return range(k * g, (k + 1) * g)
+
+    def compact(self, padded: Tensor, ranks: range) -> Tensor:
+        """Rows of ``ranks`` without padding, from a padded block that starts at ranks[0]."""
+        if not self.uneven:
+            return padded
+        idx = [r0 * self.bmax + i for r0, r in enumerate(ranks) for i in range(self.sizes[r])]
+        return padded.index_select(0, torch.tensor(idx, device=padded.device))
+
+    def own_group(self) -> Tensor:
+        return self.compact(self.group_block, self.ranks_of_group(self.layout.group_index))
+
+    def wait_all(self) -> Tensor:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        return self.compact(self.all_padded, range(self.layout.world_size))
+
+
+def _offsets(sizes: list[int]) -> list[int]:
+    out, acc = [], 0
+    for s in sizes:
+        out.append(acc)
+        acc += s
+    return out
+
+
+def _split_columns(layout: GroupLayout, sizes: list[int]) -> tuple[int, int]:
+    """(start, end) of the own group's columns in the global column order."""
+    offs = _offsets(sizes)
+    g = layout.group_size
+    k = layout.group_index
+    start = offs[k * g]
+    end = offs[(k + 1) * g - 1] + sizes[(k + 1) * g - 1]
+    return start, end
+
+
+def _merge_lse(lse_a: Tensor, el_a: Tensor, lse_b: Tensor, el_b: Tensor) -> tuple[Tensor, Tensor]:
+    lse = torch.logaddexp(lse_a, lse_b)
+    wa, wb = torch.exp(lse_a - lse), torch.exp(lse_b - lse)
+    return lse, wa * el_a + wb * el_b
+
+
+def _reduce_text_grads(partial: Tensor, sizes: list[int], layout: GroupLayout, own_partial_fn) -> Tensor:
+    """Sum text-gradient partials [N, D] of every rank into the owner's [B_r, D].
+
+    ``partial`` holds this rank's partials for every column except the own group's, which
+    ``own_partial_fn()`` computes while the column reduce-scatter is in flight.
+    """
+    g, bmax = layout.group_size, max(sizes)
+    uneven = len(set(sizes)) > 1
+    d = partial.shape[1]
+    offs = _offsets(sizes)
+
+    def padded(block: Tensor, ranks: range) -> Tensor:
+        if not uneven:
+            return block
+        out = block.new_zeros(len(ranks) * bmax, d)
+        row = 0
+        for i, r in enumerate(ranks):
+            out[i * bmax:i * bmax + sizes[r]] = block[row:row + sizes[r]]
+            row += sizes[r]
+        return out
+
+    k = layout.group_index
+    start, end = _split_columns(layout, sizes)
+    work = None
+    if layout.column is not None:
+        full = padded(partial, range(layout.world_size))
+        full = full.view(layout.num_groups, g * bmax, d)
+        full[k].zero_()  # the own group's block is added after the ring
+        grp = full.new_empty(g * bmax, d)
+        work = dist.reduce_scatter_tensor(grp, full.reshape(-1, d), group=layout.column, async_op=True)
+    own = own_partial_fn()  # [end - start, D]: computed while the ring reduce-scatter runs
+    own_p = padded(own, range(k * g, (k + 1) * g))
+    if work is not None:
+        work.wait()
+        grp = grp + own_p
+    else:
+        grp = own_p
+    if layout.intra is not None:
+        mine = grp.new_empty(bmax, d)
+        dist.reduce_scatter_tensor(mine, grp.contiguous(), group=layout.intra)
+    else:
+        mine = grp
+    del offs, start, end
+    return mine[: sizes[layout.rank]]
+
+
+class _ClipDistFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, image, text, scale, bias, layout, local_loss, gather_with_grad, impl):
+        sizes = exchange_sizes(image, text, layout)
+        r = layout.rank
+        offs = _offsets(sizes)
+        n_total = sum(sizes)
+        ex = _TextExchange(text, sizes, layout)
+        own = ex.own_group()
+        start, end = _split_columns(layout, sizes)
+        rl, re, cl_own, ce_own = tiles.softmax_stats(image, own, scale, bias, impl)
+        texts = ex.wait_all()
+        dt = rl.dtype
+        col_lse = torch.full((n_total,), float("-inf"), dtype=dt, device=image.device)
+        col_el = torch.zeros(n_total, dtype=dt, device=image.device)
+        col_lse[start:end], col_el[start:end] = cl_own, ce_own
+        if layout.num_groups > 1:
+            others = torch.cat([texts[:start], texts[end:]])
+            rl2, re2, cl2, ce2 = tiles.softmax_stats(image, others, scale, bias, impl)
+            rl, re = _merge_lse(rl, re, rl2, re2)
+            col_lse[:start], col_el[:start] = cl2[:start], ce2[:start]
+            col_lse[end:], col_el[end:] = cl2[start:], ce2[start:]
+        # Column statistics over every rank's rows: max, then rescaled sums (O(N) floats).
+        gmax = col_lse.clone()
+        dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=layout.group)
+        w = torch.exp(col_lse - gmax)
+        sums = torch.stack([w, w * col_el])
+        dist.all_reduce(sums, group=layout.group)
+        col_lse = gmax + torch.log(sums[0])
+        col_el = sums[1] / sums[0]
+
+        b_r = sizes[r]
+        mine = slice(offs[r], offs[r] + b_r)
+        pos = positive_logits(image, text, scale, bias, dt)
+        s = scale.to(dt).reshape(())
+        row_term = (rl - pos).sum(), (re - pos).sum()
+        col_term = (col_lse[mine] - pos).sum(), (col_el[mine] - pos).sum()
+        if local_loss:
+            loss = 0.5 * (row_term[0] + col_term[0]) / b_r
+            dscale = 0.5 * (row_term[1] + col_term[1]) / b_r / s
+        else:
+            both = torch.stack([row_term[0] + col_term[0], row_term[1] + col_term[1]])
+            dist.all_reduce(both, group=layout.group)
+            loss = 0.5 * both[0] / n_total
+            dscale = 0.5 * both[1] / n_total / s
+        ctx.save_for_backward(image, texts, scale, bias, rl, col_lse, dscale)
+        ctx.meta = (layout, sizes, local_loss, gather_with_grad, impl, bias is not None)
+        ctx.mark_non_differentiable()
+        return loss.to(image.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        image, texts, scale, bias, rl, col_lse, dscale = ctx.saved_tensors
+        layout, sizes, local_loss, gwg, impl, has_bias = ctx.meta
+        r, dt = layout.rank, rl.dtype
+        offs = _offsets(sizes)
+        n_total, b_r = sum(sizes), sizes[r]
+        g = grad.to(dt).reshape(())
+        dev = image.device
+        owner_b = torch.tensor([sizes[q] for q in range(len(sizes)) for _ in range(sizes[q])], dtype=dt,
+                               device=dev)
+        # Weights of P_row (row-indexed, this rank's rows) and P_col (column-indexed) in the
+        # gradient of the image rows (a) and of the text columns (b); `scale_*` multiplies after.
+        scale_img = scale_txt = g
+        if local_loss and not gwg:
+            a_row = torch.full((b_r,), 0.5 / b_r, dtype=dt, device=dev)
+            a_col = torch.zeros(n_total, dtype=dt, device=dev)
+            b_row = torch.zeros(b_r, dtype=dt, device=dev)
+            b_col = 0.5 / owner_b
+        elif local_loss and gwg:
+            gs = torch.empty(layout.world_size, dtype=dt, device=dev)
+            dist.all_gather_into_tensor(gs, g.reshape(1).contiguous(), group=layout.group)
+            g_owner = torch.repeat_interleave(gs, torch.tensor(sizes, device=dev))
+            a_row = torch.full((b_r,), 0.5 / b_r, dtype=dt, device=dev) * g
+            a_col = 0.5 / owner_b * g_owner
+            b_row, b_col = a_row, a_col
+            scale_img = scale_txt = torch.ones((), dtype=dt, device=dev)
+        else:
+            if gwg:  # every rank's loss is the same global loss: the all-gather sums W copies
+                g = g.clone()
+                dist.all_reduce(g, group=layout.group)
+                scale_img = scale_txt = g
+            a_row = torch.full((b_r,), 0.5 / n_total, dtype=dt, device=dev)
+            a_col = torch.full((n_total,), 0.5 / n_total, dtype=dt, device=dev)
+            b_row, b_col = a_row, a_col
+        same = b_row is a_row and b_col is a_col
+        start, end = _split_columns(layout, sizes)
+        d = image.shape[1]
+        partial = torch.zeros(n_total, d, dtype=dt, device=dev)
+        d_image = torch.zeros(b_r, d, dtype=dt, device=dev)
+        if layout.num_groups > 1:
+            cols = torch.cat([torch.arange(0, start, device=dev), torch.arange(end, n_total, device=dev)])
+            d_i, d_t = tiles.softmax_grads(
+                image, texts.index_select(0, cols), scale, bias, rl, col_lse[cols], a_row, a_col[cols],
+                None if same else b_row, None if same else b_col[cols], impl)
+            d_image += d_i
+            partial.index_copy_(0, cols, d_t)
+
+        def own_partial():
+            d_i, d_t = tiles.softmax_grads(
+                image, texts[start:end], scale, bias, rl, col_lse[start:end], a_row, a_col[start:end],
+                None if same else b_row, None if same else b_col[start:end], impl)
+            d_image.add_(d_i)
+            return d_t
+
+        d_text = _reduce_text_grads(partial.to(image.dtype), sizes, layout,
+                                    lambda: own_partial().to(image.dtype)).to(dt)
+        # Positive pairs (i, offs[r] + i) are on this rank: -l_ii in the row and the column terms.
+        mine = slice(offs[r], offs[r] + b_r)
+        s = scale.to(dt).reshape(())
+        text_l, image_l = texts[mine].to(dt), image.to(dt)
+        d_image -= s * (a_row + a_col[mine])[:, None] * text_l
+        d_text -= s * (b_row + b_col[mine])[:, None] * image_l
+        d_image, d_text = d_image * scale_img, d_text * scale_txt
+        d_scale = (grad.to(dt).reshape(()) * dscale).reshape(scale.shape).to(scale.dtype)
+        d_bias = torch.zeros_like(bias) if has_bias else None
+        return d_image.to(image.dtype), d_text.to(image.dtype), d_scale, d_bias, None, None, None, None
+
+
+class _SigLipDistFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, image, text, scale, bias, layout, impl):
+        sizes = exchange_sizes(image, text, layout)
+        ex = _TextExchange(text, sizes, layout)
+        rows = tiles.sigmoid_rowsum(image, ex.own_group(), scale, bias, impl)
+        texts = ex.wait_all()
+        start, end = _split_columns(layout, sizes)
+        if layout.num_groups > 1:
+            rows = rows + tiles.sigmoid_rowsum(image, torch.cat([texts[:start], texts[end:]]), scale, bias, impl)
+        pos = positive_logits(image, text, scale, bias, rows.dtype)
+        loss = (rows.sum() - pos.sum()) / image.shape[0]
+        ctx.save_for_backward(image, texts, scale, bias)
+        ctx.meta = (layout, sizes, impl, bias is not None)
+        return loss.to(image.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        image, texts, scale, bias = ctx.saved_tensors
+        layout, sizes, impl, has_bias = ctx.meta
+        r = layout.rank
+        dt = torch.float64 if image.dtype == torch.float64 else torch.float32
+        offs = _offsets(sizes)
+        n_total, b_r, d = sum(sizes), sizes[r], image.shape[1]
+        dev = image.device
+        g = grad.to(dt).reshape(())
+        w = (g / b_r).expand(b_r).contiguous()
+        start, end = _split_columns(layout, sizes)
+        partial = torch.zeros(n_total, d, dtype=dt, device=dev)
+        acc = {"d_image": torch.zeros(b_r, d, dtype=dt, device=dev),
+               "d_scale": torch.zeros((), dtype=dt, device=dev), "d_bias": torch.zeros((), dtype=dt, device=dev)}
+
+        def run(cols_texts):
+            d_i, d_t, d_s, d_b = tiles.sigmoid_grads(image, cols_texts, scale, bias, w, impl)
+            acc["d_image"] += d_i
+            acc["d_scale"] += d_s
+            acc["d_bias"] += d_b
+            return d_t
+
+        if layout.num_groups > 1:
+            cols = torch.cat([torch.arange(0, start, device=dev), torch.arange(end, n_total, device=dev)])
+            partial.index_copy_(0, cols, run(texts.index_select(0, cols)))
+        d_text = _reduce_text_grads(partial.to(image.dtype), sizes, layout,
+                                    lambda: run(texts[start:end]).to(image.dtype)).to(dt)
+        mine = slice(offs[r], offs[r] + b_r)
+        s = scale.to(dt).reshape(())
+        text_l, image_l = texts[mine].to(dt), image.to(dt)
+        c = g / b_r
+        d_image = acc["d_image"] - c * s * text_l
+        d_text = d_text - c * s * image_l
+        d_scale = acc["d_scale"] - c * (image_l * text_l).sum()
+        d_bias = acc["d_bias"] - g
+        return (d_image.to(image.dtype), d_text.to(image.dtype), d_scale.reshape(scale.shape).to(scale.dtype),
+                d_bias.reshape(bias.shape).to(bias.dtype) if has_bias else None, None, None)
+
+
+def clip_loss_distributed(image: Tensor, text: Tensor, scale: Tensor, bias: Tensor | None, *, group,
+                          group_size: int, local_loss: bool, gather_with_grad: bool, impl: str) -> Tensor:
+    layout = get_layout(group, group_size)
+    return _ClipDistFn.apply(image, text, scale, bias, layout, local_loss, gather_with_grad, impl)
+
+
+def siglip_loss_distributed(image: Tensor, text: Tensor, scale: Tensor, bias: Tensor | None, *, group,
+                            group_size: int, impl: str) -> Tensor:
+    layout = get_layout(group, group_size)
+    return _SigLipDistFn.apply(image, text, scale, bias, layout, impl)

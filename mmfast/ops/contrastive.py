@@ -1,0 +1,186 @@
+"""Contrastive-loss tile ops: fake (meta) registration, backend dispatch, and the W=1 custom op.
+
+The kernels compute, for ``l = scale * a @ b.T + bias`` without materialising ``l``:
+
+* ``softmax_stats``: row and column log-sum-exp and softmax-weighted mean logits;
+* ``softmax_grads``: ``da = scale * Ga @ b``, ``db = scale * Gb.T @ a`` for
+  ``G_ij = row_w_i * exp(l_ij - row_lse_i) + col_w_j * exp(l_ij - col_lse_j)``;
+* ``sigmoid_rowsum``: ``sum_j softplus(l_ij)`` per row;
+* ``sigmoid_grads``: the gradient of ``sum_ij row_w_i * softplus(l_ij)``.
+
+Backends: ``cpp`` (torch.ops.mmfast.* C++ kernels on CPU tensors), ``triton`` (mmfast.triton
+kernels on CUDA tensors, or CPU tensors under TRITON_INTERPRET=1), ``reference`` (explicit logits in
+pure torch: the oracle). The positive-pair terms of the losses are O(B*D) and are added in torch
+by the callers (mmfast.functional, mmfast.distributed).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mmfast.ops.registry import OpSpec, register
+
+# ----------------------------------------------------------------------------------------------
+# fake (meta) kernels for the C++ ops, so they work with torch.compile and opcheck
+
+def _stat_dtype(a: Tensor) -> torch.dtype:
+    return torch.float64 if a.dtype == torch.float64 else torch.float32
+
+
+def _register_fakes() -> None:
+    from mmfast import _ext
+
+    if not _ext.has_cpp():
+        return
+
+    @torch.library.register_fake("mmfast::contrastive_softmax_fwd")
+    def _(a, b, scale, bias):
+        dt = _stat_dtype(a)
+        m, n = a.shape[0], b.shape[0]
+        return (a.new_empty(m, dtype=dt), a.new_empty(m, dtype=dt), a.new_empty(n, dtype=dt),
+                a.new_empty(n, dtype=dt))
+
+    @torch.library.register_fake("mmfast::contrastive_softmax_bwd")
+    def _(a, b, scale, bias, row_lse, col_lse, a_row_w, a_col_w, b_row_w, b_col_w):
+        dt = _stat_dtype(a)
+        return a.new_empty(a.shape, dtype=dt), b.new_empty(b.shape, dtype=dt)
+
+    @torch.library.register_fake("mmfast::contrastive_sigmoid_fwd")
+    def _(a, b, scale, bias):
+        return a.new_empty(a.shape[0], dtype=_stat_dtype(a))
+
+    @torch.library.register_fake("mmfast::contrastive_sigmoid_bwd")
+    def _(a, b, scale, bias, row_w):
+        dt = _stat_dtype(a)
+        return (a.new_empty(a.shape, dtype=dt), b.new_empty(b.shape, dtype=dt), a.new_empty((), dtype=dt),
+                a.new_empty((), dtype=dt))
+
+
+_register_fakes()
+
+# ----------------------------------------------------------------------------------------------
+# reference tiles (explicit logits; the oracle)
+
+
+def _ref_logits(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+    dt = _stat_dtype(a)
+    logits = scale.to(dt).reshape(()) * (a.to(dt) @ b.to(dt).T)
+    return logits + bias.to(dt).reshape(()) if bias is not None else logits
+
+
+def _ref_softmax_fwd(a, b, scale, bias):
+    l = _ref_logits(a, b, scale, bias)
+    return (torch.logsumexp(l, 1), (l.softmax(1) * l).sum(1), torch.logsumexp(l, 0), (l.softmax(0) * l).sum(0))
+
+
+def _ref_softmax_bwd(a, b, scale, bias, row_lse, col_lse, a_row_w, a_col_w, b_row_w=None, b_col_w=None):
+    dt = _stat_dtype(a)
+    l = _ref_logits(a, b, scale, bias)
+    pr, pc = torch.exp(l - row_lse.to(dt)[:, None]), torch.exp(l - col_lse.to(dt)[None, :])
+    ga = a_row_w.to(dt)[:, None] * pr + a_col_w.to(dt)[None, :] * pc
+    gb = ga if b_row_w is None else b_row_w.to(dt)[:, None] * pr + b_col_w.to(dt)[None, :] * pc
+    s = scale.to(dt).reshape(())
+    return s * ga @ b.to(dt), s * gb.T @ a.to(dt)
+
+
+def _ref_sigmoid_fwd(a, b, scale, bias):
+    return torch.nn.functional.softplus(_ref_logits(a, b, scale, bias)).sum(1)
+
+
+def _ref_sigmoid_bwd(a, b, scale, bias, row_w):
+    dt = _stat_dtype(a)
+    l = _ref_logits(a, b, scale, bias)
+    g = row_w.to(dt)[:, None] * torch.sigmoid(l)
+    s = scale.to(dt).reshape(())
+    dots = a.to(dt) @ b.to(dt).T
+    return s * g @ b.to(dt), s * g.T @ a.to(dt), (g * dots).sum(), g.sum()
+
+
+# ----------------------------------------------------------------------------------------------
+# backend checks and registration
+
+
+def _cpp_checks(a: Tensor, b: Tensor, *rest) -> list[str]:
+    reasons = []
+    if a.device.type != "cpu" or b.device.type != "cpu":
+        reasons.append("the C++ kernel takes CPU tensors")
+    return reasons
+
+
+def _triton_checks(a: Tensor, b: Tensor, *rest) -> list[str]:
+    import os
+
+    from mmfast.triton import contrastive as tk
+
+    reasons = list(tk.not_supported_reasons(a, b))
+    if a.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        reasons.append("CPU tensors need TRITON_INTERPRET=1")
+    return reasons
+
+
+def _triton(name: str):
+    def run(*args):
+        from mmfast.triton import contrastive as tk
+
+        return getattr(tk, name)(*args)
+
+    return run
+
+
+def _cpp(name: str):
+    return lambda *args: getattr(torch.ops.mmfast, name)(*args)
+
+
+SOFTMAX_FWD = register(OpSpec(
+    "contrastive_softmax_fwd",
+    impls={"cpp": _cpp("contrastive_softmax_fwd"), "triton": _triton("softmax_fwd"),
+           "reference": _ref_softmax_fwd},
+    checks={"cpp": _cpp_checks, "triton": _triton_checks},
+))
+SOFTMAX_BWD = register(OpSpec(
+    "contrastive_softmax_bwd",
+    impls={"cpp": _cpp("contrastive_softmax_bwd"), "triton": _triton("softmax_bwd"),
+           "reference": _ref_softmax_bwd},
+    checks={"cpp": _cpp_checks, "triton": _triton_checks},
+))
+SIGMOID_FWD = register(OpSpec(
+    "contrastive_sigmoid_fwd",
+    impls={"cpp": _cpp("contrastive_sigmoid_fwd"), "triton": _triton("sigmoid_fwd"),
+           "reference": _ref_sigmoid_fwd},
+    checks={"cpp": _cpp_checks, "triton": _triton_checks},
+))
+SIGMOID_BWD = register(OpSpec(
+    "contrastive_sigmoid_bwd",
+    impls={"cpp": _cpp("contrastive_sigmoid_bwd"), "triton": _triton("sigmoid_bwd"),
+           "reference": _ref_sigmoid_bwd},
+    checks={"cpp": _cpp_checks, "triton": _triton_checks},
+))
+
+
+def softmax_stats(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor | None, impl: str | None = None):
+    """(row_lse [M], row_mean_logit [M], col_lse [N], col_mean_logit [N]) in fp32 (fp64 for fp64)."""
+    backend = SOFTMAX_FWD.select(a.device, impl, a, b)
+    return SOFTMAX_FWD.impls[backend](a, b, scale, bias)
+
+
+def softmax_grads(a, b, scale, bias, row_lse, col_lse, a_row_w, a_col_w, b_row_w=None, b_col_w=None,
+                  impl: str | None = None) -> tuple[Tensor, Tensor]:
+    backend = SOFTMAX_BWD.select(a.device, impl, a, b)
+    return SOFTMAX_BWD.impls[backend](a, b, scale, bias, row_lse, col_lse, a_row_w, a_col_w, b_row_w, b_col_w)
+
+
+def sigmoid_rowsum(a, b, scale, bias, impl: str | None = None) -> Tensor:
+    backend = SIGMOID_FWD.select(a.device, impl, a, b)
+    return SIGMOID_FWD.impls[backend](a, b, scale, bias)
+
+
+def sigmoid_grads(a, b, scale, bias, row_w, impl: str | None = None):
+    backend = SIGMOID_BWD.select(a.device, impl, a, b)
+    return SIGMOID_BWD.impls[backend](a, b, scale, bias, row_w)
+
+
+def resolve_impl(a: Tensor, b: Tensor, impl: str | None) -> str:
+    """The backend every tile op of one loss call will use (chosen once, so forward and backward
+    run the same kernels)."""
+    return SOFTMAX_FWD.select(a.device, impl, a, b)

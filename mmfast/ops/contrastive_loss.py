@@ -1,0 +1,133 @@
+"""Single-process (W=1) CLIP and SigLIP losses as torch.library custom ops with fake and autograd
+registration, so they work under torch.compile(fullgraph=True) and pass torch.library.opcheck.
+
+The distributed losses (mmfast.distributed.contrastive) use the same tile ops and the same
+formulas, with communication in between.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mmfast.ops import contrastive as tiles
+
+
+def positive_logits(image: Tensor, text: Tensor, scale: Tensor, bias: Tensor | None, dtype) -> Tensor:
+    """l_ii = scale * <image_i, text_i> + bias in ``dtype``: the positive pairs, O(B*D)."""
+    pos = scale.to(dtype).reshape(()) * (image.to(dtype) * text.to(dtype)).sum(1)
+    return pos + bias.to(dtype).reshape(()) if bias is not None else pos
+
+
+@torch.library.custom_op("mmfast::clip_loss_fwd", mutates_args=())
+def clip_loss_fwd(image: Tensor, text: Tensor, scale: Tensor, bias: Tensor | None, impl: str
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss in image.dtype, row_lse [B], col_lse [B], d loss / d scale) for W=1."""
+    rl, re, cl, ce = tiles.softmax_stats(image, text, scale, bias, impl)
+    pos = positive_logits(image, text, scale, bias, rl.dtype)
+    loss = 0.5 * ((rl - pos).mean() + (cl - pos).mean())
+    # d(lse_i - pos_i)/d scale = (E_softmax[l] - pos_i) / scale: the bias cancels.
+    dscale = 0.5 * ((re - pos).mean() + (ce - pos).mean()) / scale.to(rl.dtype).reshape(())
+    return loss.to(image.dtype), rl, cl, dscale
+
+
+@clip_loss_fwd.register_fake
+def _(image, text, scale, bias, impl):
+    dt = torch.float64 if image.dtype == torch.float64 else torch.float32
+    b = image.shape[0]
+    return image.new_empty((), dtype=image.dtype), image.new_empty(b, dtype=dt), image.new_empty(b, dtype=dt), \
+        image.new_empty((), dtype=dt)
+
+
+@torch.library.custom_op("mmfast::clip_loss_bwd", mutates_args=())
+def clip_loss_bwd(grad: Tensor, image: Tensor, text: Tensor, scale: Tensor, bias: Tensor | None, row_lse: Tensor,
+                  col_lse: Tensor, impl: str) -> tuple[Tensor, Tensor]:
+    """(d image, d text) of the W=1 CLIP loss times ``grad``."""
+    n = image.shape[0]
+    dt = row_lse.dtype
+    w = (grad.to(dt) * (0.5 / n)).expand(n).contiguous()
+    d_image, d_text = tiles.softmax_grads(image, text, scale, bias, row_lse, col_lse, w, w, None, None, impl)
+    # -pos_i appears in both directions with weight 0.5/n each.
+    c = grad.to(dt) * scale.to(dt).reshape(()) / n
+    d_image = d_image - c * text.to(dt)
+    d_text = d_text - c * image.to(dt)
+    return d_image.to(image.dtype), d_text.to(text.dtype)
+
+
+@clip_loss_bwd.register_fake
+def _(grad, image, text, scale, bias, row_lse, col_lse, impl):
+    return torch.empty_like(image), torch.empty_like(text)
+
+
+def _clip_setup(ctx, inputs, output):
+    image, text, scale, bias, impl = inputs
+    _, rl, cl, dscale = output
+    ctx.save_for_backward(image, text, scale, bias if bias is not None else None, rl, cl, dscale)
+    ctx.has_bias = bias is not None
+    ctx.impl = impl
+
+
+def _clip_backward(ctx, g_loss, g_rl, g_cl, g_ds):
+    image, text, scale, bias, rl, cl, dscale = ctx.saved_tensors
+    d_image, d_text = clip_loss_bwd(g_loss, image, text, scale, bias, rl, cl, ctx.impl)
+    d_scale = (g_loss.to(dscale.dtype) * dscale).reshape(scale.shape).to(scale.dtype)
+    # A constant added to every logit cancels in the softmax: d loss / d bias = 0 exactly.
+    d_bias = torch.zeros_like(bias) if ctx.has_bias else None
+    return d_image, d_text, d_scale, d_bias, None
+
+
+clip_loss_fwd.register_autograd(_clip_backward, setup_context=_clip_setup)
+
+
+@torch.library.custom_op("mmfast::siglip_loss_fwd", mutates_args=())
+def siglip_loss_fwd(image: Tensor, text: Tensor, scale: Tensor, bias: Tensor | None, impl: str) -> Tensor:
+    """SigLIP loss for W=1: (sum_ij softplus(l_ij) - sum_i l_ii) / B, in image.dtype."""
+    rows = tiles.sigmoid_rowsum(image, text, scale, bias, impl)
+    pos = positive_logits(image, text, scale, bias, rows.dtype)
+    return ((rows.sum() - pos.sum()) / image.shape[0]).to(image.dtype)
+
+
+@siglip_loss_fwd.register_fake
+def _(image, text, scale, bias, impl):
+    return image.new_empty((), dtype=image.dtype)
+
+
+@torch.library.custom_op("mmfast::siglip_loss_bwd", mutates_args=())
+def siglip_loss_bwd(grad: Tensor, image: Tensor, text: Tensor, scale: Tensor, bias: Tensor | None, impl: str
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(d image, d text, d scale, d bias) of the W=1 SigLIP loss times ``grad``."""
+    n = image.shape[0]
+    dt = torch.float64 if image.dtype == torch.float64 else torch.float32
+    g = grad.to(dt)
+    w = (g / n).expand(n).contiguous()
+    d_image, d_text, d_scale, d_bias = tiles.sigmoid_grads(image, text, scale, bias, w, impl)
+    s = scale.to(dt).reshape(())
+    c = g / n
+    d_image = d_image - c * s * text.to(dt)
+    d_text = d_text - c * s * image.to(dt)
+    d_scale = d_scale - c * (image.to(dt) * text.to(dt)).sum()
+    d_bias = d_bias - g
+    return (d_image.to(image.dtype), d_text.to(text.dtype), d_scale.reshape(scale.shape).to(scale.dtype),
+            d_bias.reshape(bias.shape if bias is not None else ()).to(bias.dtype if bias is not None else dt))
+
+
+@siglip_loss_bwd.register_fake
+def _(grad, image, text, scale, bias, impl):
+    return (torch.empty_like(image), torch.empty_like(text), torch.empty_like(scale),
+            torch.empty_like(bias) if bias is not None else scale.new_empty(()))
+
+
+def _siglip_setup(ctx, inputs, output):
+    image, text, scale, bias, impl = inputs
+    ctx.save_for_backward(image, text, scale, bias)
+    ctx.has_bias = bias is not None
+    ctx.impl = impl
+
+
+def _siglip_backward(ctx, g):
+    image, text, scale, bias = ctx.saved_tensors
+    d_image, d_text, d_scale, d_bias = siglip_loss_bwd(g, image, text, scale, bias, ctx.impl)
+    return d_image, d_text, d_scale, d_bias if ctx.has_bias else None, None
+
+
+siglip_loss_fwd.register_autograd(_siglip_backward, setup_context=_siglip_setup)

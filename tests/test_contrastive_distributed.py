@@ -44,8 +44,9 @@ def _max_rel(a, b):
 
 
 def _vs_open_clip(rank, world, b, d, scale_v, with_bias, dtype_name):
-    import mmfast
     from open_clip.loss import ClipLoss, SigLipLoss
+
+    import mmfast
 
     dtype = getattr(torch, dtype_name)
     feats = _features([b] * world, d, dtype, seed=world * 100 + b)
@@ -58,8 +59,8 @@ def _vs_open_clip(rank, world, b, d, scale_v, with_bias, dtype_name):
             ref = ClipLoss(local_loss=local_loss, gather_with_grad=gwg, rank=rank, world_size=world)
             ours = mmfast.ClipLoss(local_loss=local_loss, gather_with_grad=gwg, rank=rank, world_size=world,
                                    group_size=gs)
-            lr, gr = _grads(lambda *a: ref(*a), image, text, scale, bias)
-            lo, go = _grads(lambda *a: ours(*a), image, text, scale, bias)
+            lr, gr = _grads(ref, image, text, scale, bias)
+            lo, go = _grads(ours, image, text, scale, bias)
             key = f"clip gs={gs} local={local_loss} gwg={gwg}"
             errs = [_max_rel(lo, lr)] + [_max_rel(x, y) for x, y in zip(go[:3], gr[:3])]
             if with_bias:  # d loss / d bias is 0 exactly; open_clip's is rounding noise
@@ -69,8 +70,8 @@ def _vs_open_clip(rank, world, b, d, scale_v, with_bias, dtype_name):
             ref = SigLipLoss(rank=rank, world_size=world, dist_impl=impl_name)
             ours = mmfast.SigLipLoss(rank=rank, world_size=world, dist_impl=impl_name, group_size=gs)
             sb = bias if bias is not None else torch.tensor(-10.0, dtype=dtype)
-            lr, gr = _grads(lambda *a: ref(*a), image, text, scale, sb)
-            lo, go = _grads(lambda *a: ours(*a), image, text, scale, sb)
+            lr, gr = _grads(ref, image, text, scale, sb)
+            lo, go = _grads(ours, image, text, scale, sb)
             worst[f"siglip gs={gs} {impl_name}"] = max([_max_rel(lo, lr)] + [_max_rel(x, y) for x, y in zip(go, gr)])
     return worst
 
@@ -109,9 +110,9 @@ def _uneven(rank, world, sizes, d):
         for local_loss, gwg in itertools.product([False, True], repeat=2):
             fn = mmfast.ClipLoss(local_loss=local_loss, gather_with_grad=gwg, rank=rank, world_size=world,
                                  group_size=gs)
-            out[("clip", gs, local_loss, gwg)] = _grads(lambda *a: fn(*a), image, text, scale, bias)
+            out[("clip", gs, local_loss, gwg)] = _grads(fn, image, text, scale, bias)
         fn = mmfast.SigLipLoss(rank=rank, world_size=world, group_size=gs)
-        out[("siglip", gs)] = _grads(lambda *a: fn(*a), image, text, scale, bias)
+        out[("siglip", gs)] = _grads(fn, image, text, scale, bias)
     return out
 
 

@@ -70,14 +70,14 @@ def _ref_logits(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor | None) -> Ten
 
 
 def _ref_softmax_fwd(a, b, scale, bias):
-    l = _ref_logits(a, b, scale, bias)
-    return (torch.logsumexp(l, 1), (l.softmax(1) * l).sum(1), torch.logsumexp(l, 0), (l.softmax(0) * l).sum(0))
+    lg = _ref_logits(a, b, scale, bias)
+    return (torch.logsumexp(lg, 1), (lg.softmax(1) * lg).sum(1), torch.logsumexp(lg, 0), (lg.softmax(0) * lg).sum(0))
 
 
 def _ref_softmax_bwd(a, b, scale, bias, row_lse, col_lse, a_row_w, a_col_w, b_row_w=None, b_col_w=None):
     dt = _stat_dtype(a)
-    l = _ref_logits(a, b, scale, bias)
-    pr, pc = torch.exp(l - row_lse.to(dt)[:, None]), torch.exp(l - col_lse.to(dt)[None, :])
+    lg = _ref_logits(a, b, scale, bias)
+    pr, pc = torch.exp(lg - row_lse.to(dt)[:, None]), torch.exp(lg - col_lse.to(dt)[None, :])
     ga = a_row_w.to(dt)[:, None] * pr + a_col_w.to(dt)[None, :] * pc
     gb = ga if b_row_w is None else b_row_w.to(dt)[:, None] * pr + b_col_w.to(dt)[None, :] * pc
     s = scale.to(dt).reshape(())
@@ -90,8 +90,8 @@ def _ref_sigmoid_fwd(a, b, scale, bias):
 
 def _ref_sigmoid_bwd(a, b, scale, bias, row_w):
     dt = _stat_dtype(a)
-    l = _ref_logits(a, b, scale, bias)
-    g = row_w.to(dt)[:, None] * torch.sigmoid(l)
+    lg = _ref_logits(a, b, scale, bias)
+    g = row_w.to(dt)[:, None] * torch.sigmoid(lg)
     s = scale.to(dt).reshape(())
     dots = a.to(dt) @ b.to(dt).T
     return s * g @ b.to(dt), s * g.T @ a.to(dt), (g * dots).sum(), g.sum()

@@ -52,7 +52,10 @@ def _check_features(image: Tensor, text: Tensor) -> None:
 
 
 def _check_scale(scale: Tensor, bias: Tensor | None) -> None:
-    # One host sync: a non-finite or zero scale would silently give NaN gradients.
+    # One host sync: a non-finite or zero scale would silently give NaN gradients. Skipped while
+    # torch.compile traces (a data-dependent check cannot be part of a graph).
+    if torch.compiler.is_compiling():
+        return
     vals = torch.stack([scale.detach().reshape(()).float()] +
                        ([bias.detach().reshape(()).float()] if bias is not None else [])).tolist()
     if not (vals[0] == vals[0] and abs(vals[0]) != float("inf")) or vals[0] == 0.0:

@@ -30,12 +30,17 @@ _PREFERENCE = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "referenc
 _state = threading.local()
 
 
+# What this process can run, read once: it does not change while the process lives (the Triton
+# interpreter flag is read when kernels are defined), and a constant lookup keeps dispatch
+# traceable by torch.compile.
+_STATUS = {name: (None if b["available"] else b["detail"]) for name, b in _ext.backends().items()}
+
+
 def backend_unavailable_reason(backend: str) -> str | None:
     """None when ``backend`` can run in this install, else why not."""
-    status = _ext.backends()
-    if backend not in status:
+    if backend not in _STATUS:
         raise ValueError(f"impl must be one of {('auto',) + BACKENDS}, got {backend!r}")
-    return None if status[backend]["available"] else status[backend]["detail"]
+    return _STATUS[backend]
 
 
 @contextlib.contextmanager

@@ -1,0 +1,194 @@
+"""Single-process contrastive losses: every backend against open_clip and the references,
+fp64 exactness, the fp32/bf16 accuracy rule, gradcheck, opcheck, torch.compile, the memory bound
+and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from open_clip.loss import ClipLoss as OCClipLoss
+from open_clip.loss import SigLipLoss as OCSigLipLoss
+
+import mmfast
+from mmfast import _ext
+from mmfast.testing import assert_accuracy
+
+needs_cpp = pytest.mark.skipif(not _ext.has_cpp(), reason="C++ extension not built")
+CPU_IMPLS = ["reference"] + (["cpp"] if _ext.has_cpp() else [])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _inputs(b, d, dtype=torch.float64, scale=14.3, bias=-2.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    i = torch.nn.functional.normalize(torch.randn(b, d, generator=g, dtype=torch.float64), dim=-1).to(dtype)
+    t = torch.nn.functional.normalize(torch.randn(b, d, generator=g, dtype=torch.float64), dim=-1).to(dtype)
+    s = torch.tensor(scale, dtype=dtype)
+    bb = None if bias is None else torch.tensor(bias, dtype=dtype)
+    return i, t, s, bb
+
+
+def _loss_and_grads(fn, i, t, s, b):
+    leaves = [x.clone().requires_grad_() for x in (i, t, s)] + ([b.clone().requires_grad_()] if b is not None else [])
+    loss = fn(*leaves[:3], leaves[3] if b is not None else None)
+    return loss.detach(), torch.autograd.grad(loss, leaves)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("b", [1, 7, 64, 257])
+@pytest.mark.parametrize("d", [8, 64, 129])
+@pytest.mark.parametrize("scale,bias", [(1.0, None), (100.0, -10.0)])
+def test_clip_and_siglip_match_open_clip_float64(impl, b, d, scale, bias):
+    i, t, s, bb = _inputs(b, d, scale=scale, bias=bias)
+    cases = [(OCClipLoss(), mmfast.ClipLoss(impl=impl), bb)]
+    sig_bias = bb if bb is not None else torch.tensor(-10.0, dtype=torch.float64)
+    cases.append((OCSigLipLoss(), mmfast.SigLipLoss(impl=impl), sig_bias))
+    for ref_mod, our_mod, bias_t in cases:
+        lr, gr = _loss_and_grads(ref_mod, i, t, s, bias_t)
+        lo, go = _loss_and_grads(our_mod, i, t, s, bias_t)
+        # fp64: differences are summation-order rounding, relative to O(scale) terms
+        tol = 1e-12 * max(scale, 1.0) * 10
+        assert abs(lo.item() - lr.item()) <= tol * max(1.0, abs(lr.item()))
+        for x, y in zip(go, gr):
+            assert (x - y).abs().max().item() <= tol * max(1.0, y.abs().max().item())
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_output_dict(impl):
+    i, t, s, b = _inputs(5, 8)
+    out = mmfast.ClipLoss(impl=impl)(i, t, s, b, output_dict=True)
+    assert set(out) == {"contrastive_loss"}
+    assert torch.allclose(out["contrastive_loss"], OCClipLoss()(i, t, s, b))
+    out = mmfast.SigLipLoss(impl=impl)(i, t, s, b, output_dict=True)
+    assert torch.allclose(out["contrastive_loss"], OCSigLipLoss()(i, t, s, b))
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_accuracy_rule_low_precision(dtype, kind):
+    # The accuracy rule (STYLE.md): error vs fp64 at most 2x open_clip's own error in `dtype`.
+    i64, t64, s64, b64 = _inputs(300, 96, scale=50.0, bias=-8.0, seed=3)
+    ref_mod = OCClipLoss() if kind == "clip" else OCSigLipLoss()
+    our_mod = mmfast.ClipLoss(impl="cpp") if kind == "clip" else mmfast.SigLipLoss(impl="cpp")
+    l_hi, g_hi = _loss_and_grads(ref_mod, i64, t64, s64, b64)
+    low = [x.to(dtype) for x in (i64, t64, s64, b64)]
+    l_lo, g_lo = _loss_and_grads(ref_mod, *low)
+    l_ours, g_ours = _loss_and_grads(our_mod, *low)
+    assert l_ours.dtype == dtype
+    assert_accuracy(l_ours, l_lo, l_hi, name=f"{kind} loss {dtype}")
+    for name, x, y, z in zip(("d_image", "d_text", "d_scale"), g_ours, g_lo, g_hi):
+        assert_accuracy(x, y, z, name=f"{kind} {name} {dtype}")
+
+
+@needs_cpp
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_gradcheck_float64(kind):
+    i, t, s, b = _inputs(5, 3, scale=3.0, bias=-1.0)
+    fn = mmfast.functional.clip_loss if kind == "clip" else mmfast.functional.siglip_loss
+    ins = tuple(x.clone().requires_grad_() for x in (i, t, s, b))
+    assert torch.autograd.gradcheck(lambda *a: fn(*a, impl="cpp"), ins)
+
+
+@needs_cpp
+def test_opcheck_tile_ops_and_loss_ops():
+    a = torch.randn(9, 5)
+    bm = torch.randn(13, 5)
+    s, b = torch.tensor(3.0), torch.tensor(-0.5)
+    rl, re, cl, ce = torch.ops.mmfast.contrastive_softmax_fwd(a, bm, s, b)
+    w1, w2 = torch.rand(9), torch.rand(13)
+    checks = [
+        (torch.ops.mmfast.contrastive_softmax_fwd.default, (a, bm, s, b)),
+        (torch.ops.mmfast.contrastive_softmax_bwd.default, (a, bm, s, b, rl, cl, w1, w2, None, None)),
+        (torch.ops.mmfast.contrastive_softmax_bwd.default, (a, bm, s, None, rl, cl, w1, w2, w1 * 2, w2 * 0)),
+        (torch.ops.mmfast.contrastive_sigmoid_fwd.default, (a, bm, s, b)),
+        (torch.ops.mmfast.contrastive_sigmoid_bwd.default, (a, bm, s, b, w1)),
+    ]
+    for op, args in checks:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    i, t, s2, b2 = _inputs(6, 4, dtype=torch.float32)
+    for op in (torch.ops.mmfast.clip_loss_fwd.default, torch.ops.mmfast.siglip_loss_fwd.default):
+        args = (i.requires_grad_(), t.requires_grad_(), s2.requires_grad_(), b2.requires_grad_(), "cpp")
+        torch.library.opcheck(op, args)
+
+
+@needs_cpp
+def test_torch_compile_fullgraph():
+    i, t, s, b = _inputs(11, 8, dtype=torch.float32)
+    mod = mmfast.ClipLoss(impl="cpp")
+    compiled = torch.compile(lambda *a: mod(*a), fullgraph=True, backend="aot_eager")
+    li, gi = _loss_and_grads(compiled, i, t, s, b)
+    le, ge = _loss_and_grads(mod, i, t, s, b)
+    assert torch.allclose(li, le)
+    for x, y in zip(gi, ge):
+        assert torch.allclose(x, y, atol=1e-6)
+
+
+@needs_cpp
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_logit_matrix_never_allocated(kind):
+    from mmfast.bench.memory import cpu_peak_extra_memory
+
+    n, d = 4096, 32
+    i, t, s, b = _inputs(n, d, dtype=torch.float32)
+    i.requires_grad_()
+    t.requires_grad_()
+    mod = mmfast.ClipLoss(impl="cpp") if kind == "clip" else mmfast.SigLipLoss(impl="cpp")
+
+    def step():
+        loss = mod(i, t, s, b)
+        loss.backward()
+        return loss
+
+    stats = cpu_peak_extra_memory(step)
+    full = n * n * 4  # one fp32 logit matrix: 64 MiB
+    assert stats.events > 0
+    assert stats.peak_extra_bytes < full / 8, f"peak {stats.peak_extra_bytes / 2**20:.1f} MiB"
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_bad_input(kind):
+    mod = mmfast.ClipLoss() if kind == "clip" else mmfast.SigLipLoss()
+    i, t, s, b = _inputs(4, 8, dtype=torch.float32)
+    with pytest.raises(ValueError, match="text_features"):
+        mod(i, t[:3], s, b)
+    with pytest.raises(ValueError, match="text_features"):
+        mod(i, t[:, :5], s, b)
+    with pytest.raises(ValueError, match="image_features must be 2-D"):
+        mod(i[None], t, s, b)
+    with pytest.raises(TypeError, match="dtypes differ"):
+        mod(i, t.double(), s, b)
+    with pytest.raises(ValueError, match="logit_scale must be a scalar"):
+        mod(i, t, torch.ones(2), b)
+    with pytest.raises(ValueError, match="logit_scale must be finite"):
+        mod(i, t, torch.tensor(float("inf")), b)
+    with pytest.raises(ValueError, match="logit_bias must be finite"):
+        mod(i, t, s, torch.tensor(float("nan")))
+    with pytest.raises(ValueError, match="impl must be one of"):
+        mmfast.functional.clip_loss(i, t, s, impl="fast")
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialized"):
+        mmfast.functional.clip_loss(i, t, s, rank=0, world_size=2)
+    with pytest.raises(ValueError, match="rank"):
+        mmfast.functional.clip_loss(i, t, s, rank=3, world_size=2)
+
+
+def test_nonfinite_features_propagate():
+    i, t, s, b = _inputs(4, 8, dtype=torch.float32)
+    i[1, 2] = float("nan")
+    assert torch.isnan(mmfast.ClipLoss()(i, t, s, b))
+    assert torch.isnan(mmfast.SigLipLoss()(i, t, s, b))
+
+
+def test_forced_unavailable_backend_is_an_error():
+    i, t, s, b = _inputs(4, 8, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="impl='cuda' cannot run here"):
+        mmfast.ClipLoss(impl="cuda")(i, t, s, b)
+    with mmfast.use_backend("reference"):
+        ref = mmfast.ClipLoss()(i, t, s, b)
+    assert torch.allclose(ref, OCClipLoss()(i, t, s, b), atol=1e-6)

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from mmfast.ops.registry import BACKENDS
 
-__all__ = ["clip_loss", "siglip_loss"]
+__all__ = ["clip_loss", "siglip_loss", "window_attention", "bipartite_soft_matching", "merge_wavg", "merge_source"]
 
 SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 
@@ -161,3 +161,73 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tens
         loss = siglip_loss_distributed(image_features, text_features, scale, bias, group=group,
                                        group_size=group_size, impl=backend)
     return {"contrastive_loss": loss} if output_dict else loss
+
+
+# ------------------------------------------------------------------------------------------------
+# window attention
+
+
+def window_attention(q: Tensor, k: Tensor, v: Tensor, *, window_size: int | tuple[int, int],
+                     shift_size: int | tuple[int, int] = 0, rel_pos_bias: Tensor | None = None,
+                     scale: float | None = None, logit_scale: Tensor | None = None,
+                     pad_value: Tensor | None = None, shift_mask: bool = True, mask_value: float = -100.0,
+                     order: str = "roll_pad", impl: str = "auto") -> Tensor:
+    """Windowed / shifted-window attention on the spatial layout, fused into one kernel.
+
+    Args:
+        q, k, v: [B, H, W, heads, head_dim], channels-last spatial layout, same dtype (fp32, fp16,
+            bf16, fp64) and device. Any strides: views of one fused qkv tensor [B, H, W, 3, heads,
+            head_dim] (``qkv.unbind(3)``) are read in place.
+        window_size: (Wh, Ww) or an int. shift_size: (sy, sx) or an int, 0 <= s < window.
+        rel_pos_bias: the relative position bias table [(2Wh-1)*(2Ww-1), heads], looked up by
+            (dy, dx) = query - key in-window offsets (timm's layout); None for no bias.
+        scale: logit multiplier, default head_dim ** -0.5 (ignored when logit_scale is given).
+        logit_scale: Swin v2 cosine attention: [heads] multipliers (clamped and exponentiated by
+            the caller); q and k are L2-normalised per head.
+        pad_value: [3, heads, head_dim] q, k, v of padded tokens. timm pads before the qkv
+            projection, so its padded tokens carry the qkv bias; None means zeros. Padded tokens
+            are keys like any other (not masked), as in timm and ViTDet.
+        shift_mask: mask attention across the regions that the cyclic shift joined (with
+            ``mask_value``, timm's -100 added to the logits).
+        order: "roll_pad" (timm: roll the unpadded map, then pad bottom/right; the mask regions
+            are laid out on the padded grid) or "pad_roll" (the original Swin detection code).
+        impl: "auto", "cpp", "triton", "reference" (see mmfast.backends()).
+    Returns:
+        [B, H, W, heads, head_dim] in q's dtype, in the original (un-shifted, cropped) layout.
+    """
+    from mmfast.ops.window_attention import window_attention as _wa
+
+    if impl not in ("auto",) + BACKENDS:
+        raise ValueError(f"impl must be one of {('auto',) + BACKENDS}, got {impl!r}")
+    return _wa(q, k, v, window_size=window_size, shift_size=shift_size, rel_pos_bias=rel_pos_bias, scale=scale,
+               logit_scale=logit_scale, pad_value=pad_value, shift_mask=shift_mask, mask_value=mask_value,
+               order=order, impl=None if impl == "auto" else impl)
+
+
+# ------------------------------------------------------------------------------------------------
+# token merging
+
+
+def bipartite_soft_matching(metric: Tensor, r: int, class_token: bool = False, distill_token: bool = False):
+    """ToMe's bipartite soft matching. Returns ``(merge, unmerge)`` callables; see
+    mmfast.tome for the exact semantics (alternate split, cosine similarity, protected class row
+    and distillation column, top-r edges by score with index tie-breaks, r clamped to
+    (N - protected) // 2)."""
+    from mmfast.ops.tome import bipartite_soft_matching as _bsm
+
+    return _bsm(metric, r, class_token=class_token, distill_token=distill_token)
+
+
+def merge_wavg(merge, x: Tensor, size: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Size-weighted average merge: returns (merged x, merged size). Fused when ``merge`` comes
+    from :func:`bipartite_soft_matching`."""
+    from mmfast.ops.tome import merge_wavg as _mw
+
+    return _mw(merge, x, size)
+
+
+def merge_source(merge, x: Tensor, source: Tensor | None = None) -> Tensor:
+    """Track which original tokens each merged token holds ([B, N', N0] 0/1 matrix)."""
+    from mmfast.ops.tome import merge_source as _ms
+
+    return _ms(merge, x, source)

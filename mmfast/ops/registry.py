@@ -137,6 +137,6 @@ def get(name: str) -> OpSpec:
 
 def all_ops() -> list[OpSpec]:
     # Importing the op modules registers them.
-    from mmfast.ops import contrastive  # noqa: F401
+    from mmfast.ops import contrastive, tome, window_attention  # noqa: F401
 
     return [_OPS[k] for k in sorted(_OPS)]

@@ -220,34 +220,52 @@ def bipartite_soft_matching(
         return merge_identity, unmerge_identity
 
     unm_idx, src_idx, dst_idx = matching_indices(metric, r, class_token, distill_token)
-    n_a = (n + 1) // 2
-    n_unm = n_a - r
 
     def merge(x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
         _check_mode(mode)
         _check_tokens(x, bsz, n, "merge")
-        c = x.shape[-1]
-        a, b = x[:, ::2], x[:, 1::2]
-        unm = a.gather(1, unm_idx.unsqueeze(-1).expand(bsz, n_unm, c))
-        src = a.gather(1, src_idx.unsqueeze(-1).expand(bsz, r, c))
-        dst_index = dst_idx.unsqueeze(-1).expand(bsz, r, c)
-        dst = b.scatter_reduce(1, dst_index, src, reduce=mode, include_self=True)
-        return torch.cat([unm, dst], dim=1)
+        return merge_by_indices(x, unm_idx, src_idx, dst_idx, mode)
 
     def unmerge(x: torch.Tensor) -> torch.Tensor:
         _check_tokens(x, bsz, n - r, "unmerge")
-        c = x.shape[-1]
-        unm, dst = x[:, :n_unm], x[:, n_unm:]
-        src = dst.gather(1, dst_idx.unsqueeze(-1).expand(bsz, r, c))
-        a = x.new_zeros(bsz, n_a, c)
-        a = a.scatter(1, unm_idx.unsqueeze(-1).expand(bsz, n_unm, c), unm)
-        a = a.scatter(1, src_idx.unsqueeze(-1).expand(bsz, r, c), src)
-        out = x.new_empty(bsz, n, c)
-        out[:, ::2] = a
-        out[:, 1::2] = dst
-        return out
+        return unmerge_by_indices(x, unm_idx, src_idx, dst_idx, n)
 
     return merge, unmerge
+
+
+def merge_by_indices(
+    x: torch.Tensor, unm_idx: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor, mode: str = "mean"
+) -> torch.Tensor:
+    """ToMe's merge from the indices of :func:`matching_indices`: ``x [B, N, C] -> [B, N - r, C]``,
+    the unmerged A tokens, then the B tokens each reduced with their src tokens
+    (``scatter_reduce(reduce=mode, include_self=True)``)."""
+    bsz, _, c = x.shape
+    n_unm, r = unm_idx.shape[1], src_idx.shape[1]
+    a, b = x[:, ::2], x[:, 1::2]
+    unm = a.gather(1, unm_idx.unsqueeze(-1).expand(bsz, n_unm, c))
+    src = a.gather(1, src_idx.unsqueeze(-1).expand(bsz, r, c))
+    dst_index = dst_idx.unsqueeze(-1).expand(bsz, r, c)
+    dst = b.scatter_reduce(1, dst_index, src, reduce=mode, include_self=True)
+    return torch.cat([unm, dst], dim=1)
+
+
+def unmerge_by_indices(
+    x: torch.Tensor, unm_idx: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor, num_tokens: int
+) -> torch.Tensor:
+    """Inverse layout of :func:`merge_by_indices`: ``[B, N - r, C] -> [B, N, C]``; every merged src
+    token gets a copy of its destination."""
+    bsz, _, c = x.shape
+    n_unm, r = unm_idx.shape[1], src_idx.shape[1]
+    n_a = (num_tokens + 1) // 2
+    unm, dst = x[:, :n_unm], x[:, n_unm:]
+    src = dst.gather(1, dst_idx.unsqueeze(-1).expand(bsz, r, c))
+    a = x.new_zeros(bsz, n_a, c)
+    a = a.scatter(1, unm_idx.unsqueeze(-1).expand(bsz, n_unm, c), unm)
+    a = a.scatter(1, src_idx.unsqueeze(-1).expand(bsz, r, c), src)
+    out = x.new_empty(bsz, num_tokens, c)
+    out[:, ::2] = a
+    out[:, 1::2] = dst
+    return out
 
 
 def merge_wavg(

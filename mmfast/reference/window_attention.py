@@ -337,6 +337,25 @@ def _validate(
                          f"got {tuple(pad_value.shape)}")
 
 
+def validate_args(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    window_size: int | tuple[int, int],
+    shift_size: int | tuple[int, int],
+    rel_pos_bias: Tensor | None,
+    logit_scale: Tensor | None,
+    pad_value: Tensor | None,
+    order: str,
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Check every argument of :func:`window_attention` (ValueError naming the argument); return
+    the (window, shift) pairs. Kernels reuse this so that every backend rejects the same inputs."""
+    window = _check_window(window_size)
+    shift = _check_shift(shift_size, window)
+    _validate(q, k, v, window, rel_pos_bias, logit_scale, pad_value, order)
+    return window, shift
+
+
 def window_attention(
     q: Tensor,
     k: Tensor,

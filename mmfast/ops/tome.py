@@ -1,0 +1,197 @@
+"""Token merging ops: fused matching and size-weighted merge, with dispatch and autograd.
+
+``bipartite_soft_matching`` returns ToMe-compatible ``(merge, unmerge)`` callables that carry the
+matching (``unm_idx``, ``src_idx``, ``dst_idx``), so that :func:`merge_wavg` can run the fused merge
+kernel (one read and one write of x, fp32 accumulation, deterministic segmented sums) instead of
+ToMe's chain of gathers, scatter_reduce and divides. Any other use of ``merge(x, mode)`` runs the
+reference gather/scatter path with the same indices, so the semantics are ToMe's in every case.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from mmfast.ops.registry import OpSpec, register
+from mmfast.reference import tome as ref
+
+
+def _has(op: str) -> bool:
+    return hasattr(torch.ops.mmfast, op)
+
+
+def _cpp_checks(t: Tensor, *rest) -> list[str]:
+    reasons = []
+    if t.device.type != "cpu":
+        reasons.append("the C++ kernel takes CPU tensors")
+    if not _has("tome_match"):
+        reasons.append("this build of mmfast._C has no tome kernels")
+    return reasons
+
+
+def _triton_checks(t: Tensor, *rest) -> list[str]:
+    try:
+        from mmfast.triton import tome as tk
+    except Exception as exc:  # noqa: BLE001 - reported as a reason
+        return [f"mmfast.triton.tome failed to import: {exc}"]
+    reasons = list(tk.not_supported_reasons(t))
+    if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        reasons.append("CPU tensors need TRITON_INTERPRET=1")
+    return reasons
+
+
+def _match_cpp(metric, r, class_token, distill_token):
+    return torch.ops.mmfast.tome_match(metric, r, class_token, distill_token)
+
+
+def _match_triton(metric, r, class_token, distill_token):
+    from mmfast.triton import tome as tk
+
+    return tk.tome_match(metric, r, class_token=class_token, distill_token=distill_token)
+
+
+def _merge_cpp(x, size, unm, src, dst):
+    return torch.ops.mmfast.tome_merge_wavg(x, size, unm, src, dst)
+
+
+def _merge_triton(x, size, unm, src, dst):
+    from mmfast.triton import tome as tk
+
+    return tk.tome_merge_wavg(x, size, unm, src, dst)
+
+
+def _merge_bwd_cpp(gx, gs, x, size, unm, src, dst):
+    return torch.ops.mmfast.tome_merge_wavg_bwd(gx, gs, x, size, unm, src, dst)
+
+
+def _merge_bwd_triton(gx, gs, x, size, unm, src, dst):
+    from mmfast.triton import tome as tk
+
+    return tk.tome_merge_wavg_bwd(gx, gs, x, size, unm, src, dst)
+
+
+MATCH = register(OpSpec("tome_match", impls={"cpp": _match_cpp, "triton": _match_triton,
+                                             "reference": ref.matching_indices},
+                        checks={"cpp": _cpp_checks, "triton": _triton_checks}))
+MERGE = register(OpSpec("tome_merge_wavg", impls={"cpp": _merge_cpp, "triton": _merge_triton, "reference": None},
+                        checks={"cpp": _cpp_checks, "triton": _triton_checks}))
+_MERGE_BWD = {"cpp": _merge_bwd_cpp, "triton": _merge_bwd_triton}
+
+
+class Merge:
+    """``merge(x, mode="mean") -> [B, N - r, C]`` with ToMe's semantics; holds its matching."""
+
+    def __init__(self, unm_idx: Tensor | None, src_idx: Tensor | None, dst_idx: Tensor | None, batch: int,
+                 num_tokens: int, r: int, impl: str | None):
+        self.unm_idx, self.src_idx, self.dst_idx = unm_idx, src_idx, dst_idx
+        self.batch, self.num_tokens, self.r, self.impl = batch, num_tokens, r, impl
+
+    def _check(self, x: Tensor, n: int, what: str) -> None:
+        if x.dim() != 3 or x.shape[0] != self.batch or x.shape[1] != n:
+            raise ValueError(f"{what}: x must be [{self.batch}, {n}, C] to match the metric, got {tuple(x.shape)}")
+
+    def __call__(self, x: Tensor, mode: str = "mean") -> Tensor:
+        if mode not in ref.MERGE_MODES:
+            raise ValueError(f"mode must be one of {ref.MERGE_MODES}, got {mode!r}")
+        self._check(x, self.num_tokens, "merge")
+        if self.r == 0:
+            return x
+        return ref.merge_by_indices(x, self.unm_idx, self.src_idx, self.dst_idx, mode)
+
+
+class Unmerge:
+    """``unmerge(x [B, N - r, C]) -> [B, N, C]``: every merged token gets its destination's value."""
+
+    def __init__(self, merge: Merge):
+        self.m = merge
+
+    def __call__(self, x: Tensor) -> Tensor:
+        m = self.m
+        m._check(x, m.num_tokens - m.r, "unmerge")
+        if m.r == 0:
+            return x
+        return ref.unmerge_by_indices(x, m.unm_idx, m.src_idx, m.dst_idx, m.num_tokens)
+
+
+def bipartite_soft_matching(metric: Tensor, r: int, class_token: bool = False, distill_token: bool = False,
+                            impl: str | None = None) -> tuple[Merge, Unmerge]:
+    bsz, n, _ = ref._check_metric(metric)
+    r = ref.effective_r(n, r, class_token, distill_token)
+    if r == 0:
+        m = Merge(None, None, None, bsz, n, 0, impl)
+        return m, Unmerge(m)
+    backend = MATCH.select(metric.device, impl, metric)
+    with torch.no_grad():
+        unm, src, dst = MATCH.impls[backend](metric.detach(), r, class_token, distill_token)
+    m = Merge(unm, src, dst, bsz, n, r, impl)
+    return m, Unmerge(m)
+
+
+@torch.library.custom_op("mmfast::tome_merge_fused", mutates_args=())
+def tome_merge_op(x: Tensor, size: Tensor | None, unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor, impl: str
+                  ) -> tuple[Tensor, Tensor]:
+    """(merged x [B, N - r, C] in x.dtype, merged size [B, N - r, 1])."""
+    out, new_size = MERGE.impls[impl](x, size, unm_idx, src_idx, dst_idx)
+    return out.to(x.dtype), new_size
+
+
+@tome_merge_op.register_fake
+def _(x, size, unm_idx, src_idx, dst_idx, impl):
+    b, n, c = x.shape
+    m = n - src_idx.shape[1]
+    sdt = size.dtype if size is not None else x.dtype
+    return x.new_empty(b, m, c), x.new_empty(b, m, 1, dtype=sdt)
+
+
+@torch.library.custom_op("mmfast::tome_merge_fused_backward", mutates_args=())
+def tome_merge_backward_op(grad_x: Tensor, grad_size: Tensor | None, x: Tensor, size: Tensor | None,
+                           unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor, impl: str) -> tuple[Tensor, Tensor]:
+    gx, gs = _MERGE_BWD[impl](grad_x, grad_size, x, size, unm_idx, src_idx, dst_idx)
+    return gx.to(x.dtype), (gs.to(size.dtype) if size is not None else x.new_empty(0))
+
+
+@tome_merge_backward_op.register_fake
+def _(grad_x, grad_size, x, size, unm_idx, src_idx, dst_idx, impl):
+    return torch.empty_like(x), (torch.empty_like(size) if size is not None else x.new_empty(0))
+
+
+def _setup(ctx, inputs, output):
+    x, size, unm, src, dst, impl = inputs
+    ctx.save_for_backward(x, size, unm, src, dst)
+    ctx.impl = impl
+
+
+def _backward(ctx, grad_x, grad_size):
+    x, size, unm, src, dst = ctx.saved_tensors
+    gx, gs = tome_merge_backward_op(grad_x.contiguous(), grad_size.contiguous() if grad_size is not None else None,
+                                    x, size, unm, src, dst, ctx.impl)
+    return gx, (gs if size is not None else None), None, None, None, None
+
+
+tome_merge_op.register_autograd(_backward, setup_context=_setup)
+
+
+def merge_wavg(merge, x: Tensor, size: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Size-weighted merge: (x', size') = (merge(x * size, "sum") / merge(size, "sum"), merge(size, "sum")).
+
+    Runs the fused kernel when ``merge`` comes from :func:`bipartite_soft_matching`; any other
+    ToMe-style callable takes the reference path.
+    """
+    if not isinstance(merge, Merge):
+        return ref.merge_wavg(merge, x, size)
+    merge._check(x, merge.num_tokens, "merge_wavg")
+    if size is not None and (size.dim() != 3 or size.shape[:2] != x.shape[:2] or size.shape[2] != 1):
+        raise ValueError(f"size must be [{x.shape[0]}, {x.shape[1]}, 1], got {tuple(size.shape)}")
+    if merge.r == 0:
+        return x, (size if size is not None else x.new_ones(x.shape[0], x.shape[1], 1))
+    backend = MERGE.select(x.device, merge.impl, x)
+    if backend == "reference":
+        return ref.merge_wavg(merge, x, size)
+    return tome_merge_op(x, size, merge.unm_idx, merge.src_idx, merge.dst_idx, backend)
+
+
+def merge_source(merge, x: Tensor, source: Tensor | None = None) -> Tensor:
+    """Which original tokens each merged token holds: [B, N - r, N0] 0/1 (ToMe's merge_source)."""
+    return ref.merge_source(merge, x, source)

@@ -7,7 +7,15 @@ Import is cheap and never fails for a missing extension or GPU: see ``mmfast.bac
 from mmfast import functional
 from mmfast._ext import backends
 from mmfast._version import __version__
-from mmfast.nn import ClipLoss, SigLipLoss
+from mmfast.nn import (
+    ClipLoss,
+    SigLipLoss,
+    SwinTransformerBlock,
+    SwinTransformerV2Block,
+    WindowAttention,
+    WindowAttentionV2,
+)
 from mmfast.ops import use_backend
 
-__all__ = ["__version__", "backends", "functional", "use_backend", "ClipLoss", "SigLipLoss"]
+__all__ = ["__version__", "backends", "functional", "use_backend", "ClipLoss", "SigLipLoss", "WindowAttention",
+           "WindowAttentionV2", "SwinTransformerBlock", "SwinTransformerV2Block"]

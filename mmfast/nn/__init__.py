@@ -1,5 +1,12 @@
 """Drop-in torch modules."""
 
 from mmfast.nn.contrastive import ClipLoss, SigLipLoss
+from mmfast.nn.window_attention import (
+    SwinTransformerBlock,
+    SwinTransformerV2Block,
+    WindowAttention,
+    WindowAttentionV2,
+)
 
-__all__ = ["ClipLoss", "SigLipLoss"]
+__all__ = ["ClipLoss", "SigLipLoss", "WindowAttention", "WindowAttentionV2", "SwinTransformerBlock",
+           "SwinTransformerV2Block"]

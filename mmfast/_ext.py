@@ -58,7 +58,7 @@ def has_cuda_ext() -> bool:
     return _C is not None and bool(_C.build_info().get("cuda"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_status() -> tuple[bool, str]:
     """(usable, how): Triton on a GPU, or the interpreter on CPU tensors (TRITON_INTERPRET=1)."""
     if importlib.util.find_spec("triton") is None:

@@ -1,6 +1,7 @@
 """Drop-in torch modules."""
 
 from mmfast.nn.contrastive import ClipLoss, SigLipLoss
+from mmfast.nn.token_merger import TokenMerger
 from mmfast.nn.window_attention import (
     SwinTransformerBlock,
     SwinTransformerV2Block,
@@ -9,4 +10,4 @@ from mmfast.nn.window_attention import (
 )
 
 __all__ = ["ClipLoss", "SigLipLoss", "WindowAttention", "WindowAttentionV2", "SwinTransformerBlock",
-           "SwinTransformerV2Block"]
+           "SwinTransformerV2Block", "TokenMerger"]

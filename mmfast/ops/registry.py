@@ -116,10 +116,12 @@ class OpSpec:
                         RuntimeWarning,
                         stacklevel=3,
                     )
-                log.debug("%s: %s chosen for %s (passed over: %s)", self.name, b, device, passed_over)
+                if not torch.compiler.is_compiling():  # logging calls would break a compiled graph
+                    log.debug("%s: %s chosen for %s (passed over: %s)", self.name, b, device, passed_over)
                 return b
             passed_over.append(f"{b}: {'; '.join(reasons)}")
-            log.debug("%s: %s passed over: %s", self.name, b, reasons)
+            if not torch.compiler.is_compiling():
+                log.debug("%s: %s passed over: %s", self.name, b, reasons)
         raise RuntimeError(f"{self.name}: no backend can run these inputs: " + " | ".join(passed_over))
 
 

@@ -72,6 +72,22 @@ def _merge_bwd_triton(gx, gs, x, size, unm, src, dst):
     return tk.tome_merge_wavg_bwd(gx, gs, x, size, unm, src, dst)
 
 
+def _register_fakes() -> None:
+    if not _has("tome_match"):
+        return
+
+    @torch.library.register_fake("mmfast::tome_match")
+    def _(metric, r, class_token=False, distill_token=False):
+        b, n, _ = metric.shape
+        r_eff = ref.effective_r(n, r, class_token, distill_token)
+        n_a = (n + 1) // 2
+        idx = dict(dtype=torch.int64, device=metric.device)
+        return metric.new_empty(b, n_a - r_eff, **idx), metric.new_empty(b, r_eff, **idx), \
+            metric.new_empty(b, r_eff, **idx)
+
+
+_register_fakes()
+
 MATCH = register(OpSpec("tome_match", impls={"cpp": _match_cpp, "triton": _match_triton,
                                              "reference": ref.matching_indices},
                         checks={"cpp": _cpp_checks, "triton": _triton_checks}))

@@ -95,16 +95,24 @@ def window_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, 
                                  rel_pos_bias: Tensor | None, logit_scale: Tensor | None, pad_value: Tensor | None,
                                  window_size: list[int], shift_size: list[int], scale: float, shift_mask: bool,
                                  mask_value: float, pad_then_roll: bool, deterministic: bool, impl: str
-                                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(d qkv [B, H, W, 3, heads, hd], d rel_pos_bias, d logit_scale, d pad_value); empty tensors
+    for absent inputs. One d qkv buffer: custom-op outputs may not alias each other, and the
+    Triton kernel writes dq, dk, dv as views of one buffer (returned without a copy)."""
     grads = _BWD[impl](dout, q, k, v, out, lse, rel_pos_bias, logit_scale, pad_value, window_size, shift_size, scale,
                        shift_mask, mask_value, pad_then_roll, deterministic)
     dq, dk, dv, db, dls, dpad = grads
+    base = dq._base
+    if (base is not None and base is dk._base and base is dv._base and base.dim() == 6 and base.shape[3] == 3
+            and base.dtype == q.dtype and torch.equal(base[:, :, :, 0], dq)):
+        dqkv = base
+    else:
+        dqkv = torch.stack([dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)], 3)
 
     def present(t, like):
         return t.to(like.dtype) if like is not None and t is not None and t.numel() else q.new_empty(0)
 
-    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), present(db, rel_pos_bias), present(dls, logit_scale),
-            present(dpad, pad_value))
+    return dqkv, present(db, rel_pos_bias), present(dls, logit_scale), present(dpad, pad_value)
 
 
 @window_attention_backward_op.register_fake
@@ -113,8 +121,8 @@ def _(dout, q, k, v, out, lse, rel_pos_bias, logit_scale, pad_value, window_size
     def like(t):
         return torch.empty_like(t) if t is not None else q.new_empty(0)
 
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), like(rel_pos_bias), like(logit_scale),
-            like(pad_value))
+    b, h, w, heads, hd = q.shape
+    return q.new_empty(b, h, w, 3, heads, hd), like(rel_pos_bias), like(logit_scale), like(pad_value)
 
 
 def _setup(ctx, inputs, output):
@@ -131,9 +139,10 @@ def _backward(ctx, dout, dlse):
     q, k, v, out, lse, bias, logit_scale, pad_value = ctx.saved_tensors
     window, shift, scale, shift_mask, mask_value, pad_then_roll, impl = ctx.args
     deterministic = _DETERMINISTIC["value"] or torch.are_deterministic_algorithms_enabled()
-    dq, dk, dv, db, dls, dpad = window_attention_backward_op(
+    dqkv, db, dls, dpad = window_attention_backward_op(
         dout.contiguous(), q, k, v, out, lse, bias, logit_scale, pad_value, window, shift, scale, shift_mask,
         mask_value, pad_then_roll, deterministic, impl)
+    dq, dk, dv = dqkv.unbind(3)
     return (dq, dk, dv, db if bias is not None else None, dls if logit_scale is not None else None,
             dpad if pad_value is not None else None) + (None,) * 7
 

@@ -87,6 +87,35 @@ def _resolve(impl: str, image: Tensor, text: Tensor) -> str:
     return tiles.resolve_impl(image, text, None if impl == "auto" else impl)
 
 
+def _prepare(image, text, logit_scale, logit_bias, rank, world_size, group, group_size, impl):
+    """Validate everything; (scale, bias, group_size, backend).
+
+    With several ranks, a bad input on one rank is reported to the others through the size exchange
+    every loss call starts with, so every rank raises instead of the others blocking in a collective.
+    """
+    from mmfast.distributed.groups import validate_group_size
+
+    _check_world(rank, world_size, group)  # configuration: the same on every rank
+    group_size = validate_group_size(group_size, world_size)
+    if world_size > 1:
+        from mmfast.distributed.groups import get_layout
+
+        get_layout(group, group_size)  # collective on first use: every rank, before anything can fail
+    try:
+        _check_features(image, text)
+        scale = _as_scalar_tensor(logit_scale, "logit_scale", image)
+        bias = None if logit_bias is None else _as_scalar_tensor(logit_bias, "logit_bias", image)
+        _check_scale(scale, bias)
+        backend = _resolve(impl, image, text)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        if world_size > 1:
+            from mmfast.distributed.contrastive import report_bad_input
+
+            report_bad_input(group, image if isinstance(image, Tensor) else None)
+        raise exc
+    return scale, bias, group_size, backend
+
+
 def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor | float,
               logit_bias: Tensor | float | None = None, *, local_loss: bool = False,
               gather_with_grad: bool = False, rank: int = 0, world_size: int = 1, group=None,
@@ -108,15 +137,8 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor
     Returns:
         the loss (0-dim, in the features' dtype, accumulated in fp32).
     """
-    from mmfast.distributed.groups import validate_group_size
-
-    _check_features(image_features, text_features)
-    scale = _as_scalar_tensor(logit_scale, "logit_scale", image_features)
-    bias = None if logit_bias is None else _as_scalar_tensor(logit_bias, "logit_bias", image_features)
-    _check_scale(scale, bias)
-    _check_world(rank, world_size, group)
-    group_size = validate_group_size(group_size, world_size)
-    backend = _resolve(impl, image_features, text_features)
+    scale, bias, group_size, backend = _prepare(image_features, text_features, logit_scale, logit_bias, rank,
+                                                world_size, group, group_size, impl)
     if world_size == 1:
         from mmfast.ops.contrastive_loss import clip_loss_fwd
 
@@ -140,17 +162,10 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tens
     "gather", None = "bidir") is accepted for compatibility: every choice gives the same value and
     gradients as open_clip's, and mmfast always uses its grouped exchange.
     """
-    from mmfast.distributed.groups import validate_group_size
-
     if dist_impl is not None and dist_impl not in SIGLIP_DIST_IMPLS:
         raise ValueError(f"dist_impl must be one of {SIGLIP_DIST_IMPLS} or None, got {dist_impl!r}")
-    _check_features(image_features, text_features)
-    scale = _as_scalar_tensor(logit_scale, "logit_scale", image_features)
-    bias = None if logit_bias is None else _as_scalar_tensor(logit_bias, "logit_bias", image_features)
-    _check_scale(scale, bias)
-    _check_world(rank, world_size, group)
-    group_size = validate_group_size(group_size, world_size)
-    backend = _resolve(impl, image_features, text_features)
+    scale, bias, group_size, backend = _prepare(image_features, text_features, logit_scale, logit_bias, rank,
+                                                world_size, group, group_size, impl)
     if world_size == 1:
         from mmfast.ops.contrastive_loss import siglip_loss_fwd
 

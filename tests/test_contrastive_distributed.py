@@ -138,3 +138,36 @@ def test_unequal_batches_match_simulation(sizes):
                 assert _max_rel(grads[3], exp["grads"][3]) < 1e-10, (key, rank, "bias")
             else:
                 assert grads[3].abs().item() == 0.0
+
+
+def _one_rank_bad(rank, world):
+    import mmfast
+
+    image = torch.randn(4, 8)
+    text = torch.randn(4 if rank else 3, 8)  # rank 0 has a bad batch
+    try:
+        mmfast.ClipLoss(rank=rank, world_size=world)(image, text, torch.tensor(10.0))
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_bad_input_on_one_rank_raises_everywhere_without_hanging():
+    msgs = run_distributed(_one_rank_bad, 3, timeout=120)
+    assert "text_features" in msgs[0]
+    assert all("bad contrastive-loss input on rank(s) [0]" in m for m in msgs[1:])
+
+
+def _bad_group_size(rank, world):
+    import mmfast
+
+    try:
+        mmfast.ClipLoss(rank=rank, world_size=world, group_size=2)(torch.randn(2, 4), torch.randn(2, 4), 1.0)
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_group_size_must_divide_world():
+    msgs = run_distributed(_bad_group_size, 3, timeout=120)
+    assert all("group_size=2 must divide the world size 3" in m for m in msgs)

@@ -293,3 +293,23 @@ def test_opcheck_and_compile_without_recompiles():
         with mmfast.use_backend("cpp"):
             assert torch.allclose(compiled(x), blk(x), atol=1e-5)
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+@pytest.mark.skipif("cpp" not in IMPLS, reason="C++ extension without window attention")
+def test_opcheck_cpp_kernel_ops():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 7, 5, 2, 8, dtype=torch.float64).unbind(0)
+    table, pad, ls = torch.randn(25, 2, dtype=torch.float64), torch.randn(3, 2, 8, dtype=torch.float64), None
+    fwd_args = (q, k, v, table, ls, pad, [3, 3], [1, 2], 0.35, True, -100.0, False)
+    torch.library.opcheck(torch.ops.mmfast.window_attention_fwd.default, fwd_args,
+                          test_utils=("test_schema", "test_faketensor"))
+    out, lse = torch.ops.mmfast.window_attention_fwd(*fwd_args)
+    torch.library.opcheck(torch.ops.mmfast.window_attention_bwd.default,
+                          (torch.randn_like(out), q, k, v, out, lse) + fwd_args[3:],
+                          test_utils=("test_schema", "test_faketensor"))
+    x = torch.randn(2, 7, 5, 6)
+    torch.library.opcheck(torch.ops.mmfast.window_process.default, (x, [3, 3], [1, 2], False, None),
+                          test_utils=("test_schema", "test_faketensor"))
+    win = torch.ops.mmfast.window_process(x, [3, 3], [1, 2], False, None)
+    torch.library.opcheck(torch.ops.mmfast.window_process_reverse.default, (win, [7, 5], [3, 3], [1, 2], False),
+                          test_utils=("test_schema", "test_faketensor"))

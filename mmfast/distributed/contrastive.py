@@ -31,10 +31,26 @@ from mmfast.ops.contrastive_loss import positive_logits
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 
 
+def _info_device(group, like: Tensor | None) -> torch.device:
+    if like is not None and like.device.type != "meta":
+        return like.device
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def report_bad_input(group, like: Tensor | None) -> None:
+    """Take part in the size exchange with a 'bad input' flag, so the other ranks raise too."""
+    dev = _info_device(group, like)
+    info = torch.tensor([0, 0, -1, 0], dtype=torch.int64, device=dev)
+    out = torch.empty(dist.get_world_size(group) * 4, dtype=torch.int64, device=dev)
+    dist.all_gather_into_tensor(out, info, group=group)
+
+
 def exchange_sizes(image: Tensor, text: Tensor, layout: GroupLayout) -> list[int]:
     """All-gather (B, D, dtype, ok) from every rank; raise the same error on every rank when they
     disagree, so a bad input on one rank never leaves the others blocked in a later collective."""
-    ok = int(image.shape == text.shape)
+    ok = 1  # inputs were validated on this rank before the exchange
     info = torch.tensor([image.shape[0], image.shape[1], _DTYPE_CODES.get(image.dtype, -1), ok],
                         dtype=torch.int64, device=image.device)
     out = torch.empty(layout.world_size * 4, dtype=torch.int64, device=image.device)
@@ -42,7 +58,7 @@ def exchange_sizes(image: Tensor, text: Tensor, layout: GroupLayout) -> list[int
     rows = out.view(layout.world_size, 4).tolist()
     bad = [r for r, row in enumerate(rows) if not row[3]]
     if bad:
-        raise ValueError(f"image_features and text_features shapes differ on rank(s) {bad}")
+        raise ValueError(f"bad contrastive-loss input on rank(s) {bad} (see the error raised there)")
     if len({row[1] for row in rows}) != 1:
         raise ValueError(f"embedding size D differs across ranks: {[row[1] for row in rows]}")
     if len({row[2] for row in rows}) != 1:

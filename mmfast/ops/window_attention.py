@@ -67,6 +67,41 @@ def _bwd_triton(dout, q, k, v, out, lse, bias, logit_scale, pad_value, window, s
                                    deterministic=deterministic)
 
 
+def _register_fakes() -> None:
+    if not hasattr(torch.ops.mmfast, "window_attention_fwd"):
+        return
+
+    def stat(q):
+        return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+    @torch.library.register_fake("mmfast::window_attention_fwd")
+    def _(q, k, v, bias, logit_scale, pad_value, window, shift, scale, shift_mask, mask_value, pad_then_roll):
+        return q.new_empty(q.shape), q.new_empty(q.shape[:4], dtype=stat(q))
+
+    @torch.library.register_fake("mmfast::window_attention_bwd")
+    def _(dout, q, k, v, out, lse, bias, logit_scale, pad_value, window, shift, scale, shift_mask, mask_value,
+          pad_then_roll):
+        def like(t):
+            return torch.empty_like(t) if t is not None else q.new_empty(0)
+
+        return (q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), like(bias), like(logit_scale),
+                like(pad_value))
+
+    @torch.library.register_fake("mmfast::window_process")
+    def _(x, window, shift, pad_then_roll, pad_value):
+        b, h, w, c = x.shape
+        hp, wp = -(-h // window[0]) * window[0], -(-w // window[1]) * window[1]
+        return x.new_empty(b * (hp // window[0]) * (wp // window[1]), window[0] * window[1], c)
+
+    @torch.library.register_fake("mmfast::window_process_reverse")
+    def _(windows, hw, window, shift, pad_then_roll):
+        hp, wp = -(-hw[0] // window[0]) * window[0], -(-hw[1] // window[1]) * window[1]
+        b = windows.shape[0] // ((hp // window[0]) * (wp // window[1]))
+        return windows.new_empty(b, hw[0], hw[1], windows.shape[-1])
+
+
+_register_fakes()
+
 WINDOW_FWD = register(OpSpec("window_attention", impls={"cpp": _fwd_cpp, "triton": _fwd_triton, "reference": None},
                              checks={"cpp": _cpp_checks, "triton": _triton_checks}))
 _BWD = {"cpp": _bwd_cpp, "triton": _bwd_triton}

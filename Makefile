@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py pyproject.toml
 
-.PHONY: train test lint bench info clean
+.PHONY: train test lint bench info clean gpu-wheels
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(if $(USE_SYSTEM_TORCH),--system-site-packages) $(VENV)
@@ -51,3 +51,8 @@ info: $(VENV)/.mmfast
 
 clean:
 	rm -rf build mmfast/_C*.so $(VENV)/.mmfast
+
+# Wheels the offline GPU machine lacks (open_clip for the baselines). Fetch them here, then pass
+# carry=["benchmarks/wheels"] to the device run; benchmarks/gpu_check.sh installs them --no-deps.
+gpu-wheels: $(BIN)/python
+	$(BIN)/python -m pip download --no-deps -d benchmarks/wheels open-clip-torch==3.3.0

@@ -150,7 +150,9 @@ class CollectiveCounter:
 
     def by_op(self) -> dict[str, dict[str, int]]:
         """``{op: {"calls", "payload_bytes", "sent_bytes"}}`` summed over the records."""
-        out: dict[str, dict[str, int]] = defaultdict(lambda: {"calls": 0, "payload_bytes": 0, "sent_bytes": 0})
+        out: dict[str, dict[str, int]] = defaultdict(
+            lambda: {"calls": 0, "payload_bytes": 0, "sent_bytes": 0}
+        )
         for r in self.records:
             d = out[r.op]
             d["calls"] += 1
@@ -245,8 +247,14 @@ def _model(op: str, a: dict[str, Any]) -> tuple[int, int, int, int, list[list[in
             return None
         sends = [p.tensor for p in p2p if _is_send(p.op)]
         payload = _list_bytes([p.tensor for p in p2p])
-        return payload, _list_bytes(sends), ws, r, _shapes([p.tensor for p in p2p]), _first_tensor(
-            [p.tensor for p in p2p])
+        return (
+            payload,
+            _list_bytes(sends),
+            ws,
+            r,
+            _shapes([p.tensor for p in p2p]),
+            _first_tensor([p.tensor for p in p2p]),
+        )
 
     group = a.get("group")
     ws, r = _group_info(group)
@@ -378,8 +386,9 @@ def _make_wrapper(name: str, orig: Callable[..., Any]) -> Callable[..., Any]:
                     rank=int(r),
                     dtype=str(t.dtype).replace("torch.", "") if isinstance(t, torch.Tensor) else "",
                     in_backward=torch._C._current_autograd_node() is not None,
-                    async_op=bool(bound.arguments.get("async_op", name in ("isend", "irecv",
-                                                                           "batch_isend_irecv"))),
+                    async_op=bool(
+                        bound.arguments.get("async_op", name in ("isend", "irecv", "batch_isend_irecv"))
+                    ),
                     shapes=shapes,
                 )
                 for counter in list(_active):

@@ -186,7 +186,7 @@ def time_providers(
     samples: dict[str, list[float]] = {n: [] for n in live}
     spent = 0.0
     for i in range(max(1, repeats)):
-        order = live[i % len(live):] + live[: i % len(live)] if live else []
+        order = live[i % len(live) :] + live[: i % len(live)] if live else []
         for name in order:
             if name in errors:
                 continue
@@ -258,8 +258,9 @@ def compare(
     dev = torch.device(device)
     shape = shape if shape is not None else ", ".join(f"{k}={v}" for k, v in params.items())
     results = {
-        p.name: BenchResult(case=case, params=dict(params), shape=shape, provider=p.name, baseline=baseline,
-                            device=str(dev))
+        p.name: BenchResult(
+            case=case, params=dict(params), shape=shape, provider=p.name, baseline=baseline, device=str(dev)
+        )
         for p in providers
     }
     fns: dict[str, Callable[[], Any]] = {}
@@ -268,8 +269,15 @@ def compare(
             fns[p.name] = p.setup()
         except Exception as exc:
             results[p.name].error = _short_error(exc)
-    stats, errors = time_providers(fns, device=dev, warmup=warmup, repeats=repeats, min_repeats=min_repeats,
-                                   max_time_s=max_time_s, min_sample_s=min_sample_s)
+    stats, errors = time_providers(
+        fns,
+        device=dev,
+        warmup=warmup,
+        repeats=repeats,
+        min_repeats=min_repeats,
+        max_time_s=max_time_s,
+        min_sample_s=min_sample_s,
+    )
     for name, msg in errors.items():
         results[name].error = msg.splitlines()[0]
         fns.pop(name)

@@ -18,10 +18,12 @@ CPU (:func:`cpu_peak_extra_memory`)
     ``[memory]`` event whose ``nbytes()`` is positive for an allocation and negative for a free
     (``prof.profiler.kineto_results.events()``, timestamps ``start_ns()``). Sorting them by time and
     taking the running sum reconstructs the live bytes allocated inside the call; its maximum (floored
-    at 0) is the peak extra memory. Intra-op worker threads are covered because ``at::parallel_for``
-    propagates the profiler's thread-local state. Not counted: memory that does not go through c10's
-    allocator (a library's private ``malloc``, Python objects). The profiler adds a few microseconds
-    per op, so memory is measured in a separate, untimed call.
+    at 0) is the peak extra memory. Frees of blocks allocated before the profiler started are not
+    reported at all (c10 warns once: "Memory block of unknown size was allocated before the profiling
+    started"), so inputs released inside the call do not offset the peak. Intra-op worker threads are
+    covered because ``at::parallel_for`` propagates the profiler's thread-local state. Not counted:
+    memory that does not go through c10's allocator (a library's private ``malloc``, Python objects).
+    The profiler adds a few microseconds per op, so memory is measured in a separate, untimed call.
 """
 
 from __future__ import annotations
@@ -114,8 +116,9 @@ def cpu_peak_extra_memory(fn: Callable[[], Any]) -> MemoryStats:
         if ev.name() == "[memory]" and ev.device_type() == torch.autograd.DeviceType.CPU
     ]
     peak, net = peak_from_events(events)
-    return MemoryStats(peak_extra_bytes=peak, net_bytes=net, method="cpu-profiler", events=len(events),
-                       result=result)
+    return MemoryStats(
+        peak_extra_bytes=peak, net_bytes=net, method="cpu-profiler", events=len(events), result=result
+    )
 
 
 def cuda_peak_extra_memory(fn: Callable[[], Any], device: torch.device | str | None = None) -> MemoryStats:
@@ -132,7 +135,7 @@ def cuda_peak_extra_memory(fn: Callable[[], Any], device: torch.device | str | N
 
 
 def peak_extra_memory(fn: Callable[[], Any], device: torch.device | str = "cpu") -> MemoryStats:
-    """Peak extra memory of ``fn()`` on ``device``: the CUDA allocator on ``cuda``, the profiler on ``cpu``."""
+    """Peak extra memory of ``fn()``: CUDA allocator stats on ``cuda``, the profiler on ``cpu``."""
     dev = torch.device(device)
     if dev.type == "cuda":
         return cuda_peak_extra_memory(fn, dev)

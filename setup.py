@@ -93,7 +93,7 @@ def _extensions():
     if platform.machine().lower() in ("x86_64", "amd64") and _flag("MMFAST_CPU_ISA", "avx2") == "avx2":
         # ATen's Vectorized<T> picks its AVX2 implementation (Sleef exp) from these macros.
         # mmfast._ext checks the CPU for AVX2 before loading _C.
-        cxx += ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+        cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
     extra = {"cxx": cxx}
     if use_cuda:

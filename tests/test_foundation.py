@@ -1,0 +1,82 @@
+"""Packaging, extension loading, backend report and dispatch rules."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mmfast
+from mmfast import _ext
+from mmfast.ops import registry
+
+
+def _run(code: str, cwd: str | None = None, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), capture_output=True, text=True,
+                          timeout=300, cwd=cwd)
+
+
+def test_backends_report_shape():
+    b = mmfast.backends()
+    assert set(b) == {"cpp", "cuda", "triton", "reference"}
+    assert all(set(v) == {"available", "detail"} and v["detail"] for v in b.values())
+    assert b["reference"]["available"]
+
+
+@pytest.mark.skipif(not _ext.has_cpp(), reason="C++ extension not built")
+def test_info_check_runs_every_backend():
+    res = subprocess.run([sys.executable, "-m", "mmfast.info", "--check"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "extension mmfast._C" in res.stdout
+    for op in ("clip_loss", "siglip_loss", "window_attention", "tome match"):
+        assert f"cpp    ok   {op}" in res.stdout
+        assert any(line.startswith("  triton") and f"ok   {op}" in line for line in res.stdout.splitlines())
+
+
+def test_import_without_extension_falls_back_with_one_warning():
+    code = (
+        "import warnings, torch, mmfast\n"
+        "assert not mmfast.backends()['cpp']['available']\n"
+        "print(mmfast.backends()['cpp']['detail'])\n"
+        "i, t = torch.randn(5, 8), torch.randn(5, 8)\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    a = mmfast.ClipLoss()(i, t, torch.tensor(3.0))\n"
+        "    b = mmfast.ClipLoss()(i, t, torch.tensor(3.0))\n"
+        "msgs = [str(x.message) for x in w if 'reference' in str(x.message)]\n"
+        "assert len(msgs) == 1, msgs\n"
+        "from open_clip.loss import ClipLoss\n"
+        "assert torch.allclose(a, ClipLoss()(i, t, torch.tensor(3.0)))\n"
+        "print('ok')\n"
+    )
+    res = _run(code, MMFAST_DISABLE_EXT="1")
+    assert res.returncode == 0, res.stderr
+    assert "disabled by MMFAST_DISABLE_EXT=1" in res.stdout and "ok" in res.stdout
+
+
+def test_forced_backend_errors_and_context():
+    spec = registry.get("contrastive_softmax_fwd")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        spec.select(torch.device("cpu"), "nope", torch.zeros(1, 1), torch.zeros(1, 1))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with mmfast.use_backend("fast"):
+            pass
+    with mmfast.use_backend("reference"):
+        assert spec.select(torch.device("cpu"), None, torch.zeros(1, 1), torch.zeros(1, 1)) == "reference"
+        # an explicit impl= wins over the context
+        if _ext.has_cpp():
+            assert spec.select(torch.device("cpu"), "cpp", torch.zeros(1, 1), torch.zeros(1, 1)) == "cpp"
+    with mmfast.use_backend("reference", ops=["window_attention"]):
+        assert spec.select(torch.device("cpu"), None, torch.zeros(1, 1), torch.zeros(1, 1)) == spec.auto_backend("cpu")
+
+
+def test_triton_package_is_inside_the_namespace(tmp_path):
+    # run outside the source tree, where only the installed package is visible
+    res = _run("import mmfast.triton.contrastive, mmfast.triton.window_attention, mmfast.triton.tome; print('ok')",
+               cwd=str(tmp_path))
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr
+    res = _run("import kernels", cwd=str(tmp_path))
+    assert res.returncode != 0  # never a top-level `kernels` package

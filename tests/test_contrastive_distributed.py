@@ -81,6 +81,7 @@ def _vs_open_clip(rank, world, b, d, scale_v, with_bias, dtype_name):
     (2, 64, 129, 14.3, False),
     (4, 1, 64, 100.0, False),
     (4, 7, 129, 1.0, True),
+    (4, 257, 8, 100.0, True),
 ])
 def test_matches_open_clip_float64(world, b, d, scale, with_bias):
     results = run_distributed(_vs_open_clip, world, b, d, scale, with_bias, "float64", timeout=300)

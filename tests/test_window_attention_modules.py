@@ -58,6 +58,7 @@ def _compare(ref_model, our_model, x, impl, tol):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("hw,window,shift", [
     ((14, 14), 7, 3), ((13, 20), (7, 9), (3, 4)), ((9, 9), 4, 2), ((5, 6), 7, 3), ((16, 16), 8, 0),
+    ((57, 57), 7, 3), ((24, 30), 12, 6), ((16, 16), 8, (4, 1)),
 ])
 def test_swin_block_v1_state_dict_and_numbers(impl, hw, window, shift):
     torch.manual_seed(0)
@@ -313,3 +314,20 @@ def test_opcheck_cpp_kernel_ops():
     win = torch.ops.mmfast.window_process(x, [3, 3], [1, 2], False, None)
     torch.library.opcheck(torch.ops.mmfast.window_process_reverse.default, (win, [7, 5], [3, 3], [1, 2], False),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.skipif("cpp" not in IMPLS, reason="C++ extension without window attention")
+@pytest.mark.parametrize("cosine", [False, True])
+def test_gradcheck_float64(cosine):
+    torch.manual_seed(0)
+    qkv = torch.randn(1, 4, 5, 3, 2, 3, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(9, 2, dtype=torch.float64, requires_grad=True)
+    pad = torch.randn(3, 2, 3, dtype=torch.float64, requires_grad=True)
+    ls = torch.tensor([2.0, 5.0], dtype=torch.float64, requires_grad=True)
+
+    def f(qkv, table, pad, ls):
+        q, k, v = qkv.unbind(3)
+        return mmfast.functional.window_attention(q, k, v, window_size=2, shift_size=(1, 0), rel_pos_bias=table,
+                                                  pad_value=pad, logit_scale=ls if cosine else None, impl="cpp")
+
+    assert torch.autograd.gradcheck(f, (qkv, table, pad, ls))

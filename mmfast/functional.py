@@ -10,7 +10,8 @@ from torch import Tensor
 
 from mmfast.ops.registry import BACKENDS
 
-__all__ = ["clip_loss", "siglip_loss", "window_attention", "bipartite_soft_matching", "merge_wavg", "merge_source"]
+__all__ = ["clip_loss", "siglip_loss", "window_attention", "bipartite_soft_matching", "merge_wavg", "merge_source",
+           "window_partition", "window_unpartition"]
 
 SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 
@@ -217,6 +218,24 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, *, window_size: int | tupl
     return _wa(q, k, v, window_size=window_size, shift_size=shift_size, rel_pos_bias=rel_pos_bias, scale=scale,
                logit_scale=logit_scale, pad_value=pad_value, shift_mask=shift_mask, mask_value=mask_value,
                order=order, impl=None if impl == "auto" else impl)
+
+
+def window_partition(x: Tensor, window_size: int | tuple[int, int], shift_size: int | tuple[int, int] = 0, *,
+                     order: str = "roll_pad", pad_value: Tensor | None = None, impl: str = "auto") -> Tensor:
+    """Cyclic shift + pad + window partition of ``x [B, H, W, C]`` in one copy (differentiable):
+    ``[B * nW, Wh * Ww, C]``. Padded tokens get ``pad_value`` ([C]) or zeros. For the unfused paths
+    that need explicit windows (a custom attention, a mask of their own)."""
+    from mmfast.ops.window_process import window_partition as _wp
+
+    return _wp(x, window_size, shift_size, order=order, pad_value=pad_value, impl=None if impl == "auto" else impl)
+
+
+def window_unpartition(windows: Tensor, hw: tuple[int, int], window_size: int | tuple[int, int],
+                       shift_size: int | tuple[int, int] = 0, *, order: str = "roll_pad", impl: str = "auto") -> Tensor:
+    """Inverse of :func:`window_partition`: reverse partition, crop to ``hw`` and un-shift."""
+    from mmfast.ops.window_process import window_unpartition as _wu
+
+    return _wu(windows, hw, window_size, shift_size, order=order, impl=None if impl == "auto" else impl)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -99,7 +100,8 @@ def _run_all(cmds: dict[str, list[str]], cwd: Path, timeout: float = TIMEOUT) ->
     procs, t0 = {}, time.perf_counter()
     for name, cmd in cmds.items():
         out = open(cwd / f"{name}.stdout", "w")
-        procs[name] = (subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=out, stderr=subprocess.STDOUT), out)
+        procs[name] = (subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=out, stderr=subprocess.STDOUT,
+                                        start_new_session=True), out)
     res = {}
     try:
         for name, (p, out) in procs.items():
@@ -109,8 +111,8 @@ def _run_all(cmds: dict[str, list[str]], cwd: Path, timeout: float = TIMEOUT) ->
                                         seconds=time.perf_counter() - t0)
     finally:
         for p, out in procs.values():
-            if p.poll() is None:
-                p.kill()
+            if p.poll() is None:  # timed out: kill its process group (torchrun and its ranks)
+                os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
             out.close()
     return res
@@ -369,3 +371,20 @@ def test_window_attention_hook_patches_swin_trunk(caplog):
                                                                   num_heads=2, num_classes=0)
     with pytest.raises(M.MMFastFlagError, match="trunk is timm VisionTransformer"):
         M._apply_model_patches(SimpleNamespace(visual=vit), M.MMFastOptions(window_attention=True), 2, "cpu", "fp32")
+
+
+def test_tome_hook_patches_timm_vit_trunk(caplog):
+    """--mmfast-tome-r on an open_clip TimmModel whose trunk is a (tiny) timm ViT patches the trunk."""
+    timm = pytest.importorskip("timm")
+    from open_clip.timm_model import TimmModel
+
+    visual = TimmModel.__new__(TimmModel)
+    torch.nn.Module.__init__(visual)
+    visual.trunk = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0, global_pool="avg")
+    visual.head = torch.nn.Identity()
+    caplog.set_level("INFO", logger=M.log.name)
+    M._apply_model_patches(SimpleNamespace(visual=visual), M.MMFastOptions(tome_r=3), 2, "cpu", "fp32")
+    assert mmfast.tome.is_patched(visual.trunk) and visual.trunk.tome_r_per_layer == [3, 3]
+    assert "mmfast: ToMe r=3 (tokens 17 -> 11) on the vision tower" in caplog.text
+    assert visual(torch.randn(2, 3, 32, 32)).shape == (2, 32)

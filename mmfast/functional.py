@@ -136,7 +136,8 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor
         impl: "auto", "cpp", "triton", "cuda" or "reference" (forces a backend).
         output_dict: return {"contrastive_loss": loss}.
     Returns:
-        the loss (0-dim, in the features' dtype, accumulated in fp32).
+        the loss: 0-dim float32 (float64 for float64 features), as open_clip's loss is under
+        autocast; gradients come back in the features' dtype.
     """
     scale, bias, group_size, backend = _prepare(image_features, text_features, logit_scale, logit_bias, rank,
                                                 world_size, group, group_size, impl)

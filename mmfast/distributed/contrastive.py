@@ -233,7 +233,7 @@ class _ClipDistFn(torch.autograd.Function):
         ctx.save_for_backward(image, texts, scale, bias, rl, col_lse, dscale)
         ctx.meta = (layout, sizes, local_loss, gather_with_grad, impl, bias is not None)
         ctx.mark_non_differentiable()
-        return loss.to(image.dtype)
+        return loss
 
     @staticmethod
     def backward(ctx, grad):
@@ -318,7 +318,7 @@ class _SigLipDistFn(torch.autograd.Function):
         loss = (rows.sum() - pos.sum()) / image.shape[0]
         ctx.save_for_backward(image, texts, scale, bias)
         ctx.meta = (layout, sizes, impl, bias is not None)
-        return loss.to(image.dtype)
+        return loss
 
     @staticmethod
     def backward(ctx, grad):

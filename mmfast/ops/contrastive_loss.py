@@ -22,20 +22,21 @@ def positive_logits(image: Tensor, text: Tensor, scale: Tensor, bias: Tensor | N
 @torch.library.custom_op("mmfast::clip_loss_fwd", mutates_args=())
 def clip_loss_fwd(image: Tensor, text: Tensor, scale: Tensor, bias: Tensor | None, impl: str
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(loss in image.dtype, row_lse [B], col_lse [B], d loss / d scale) for W=1."""
+    """(loss, row_lse [B], col_lse [B], d loss / d scale) for W=1; all in the accumulation dtype
+    (float32, float64 for float64 features), as open_clip's loss is under autocast."""
     rl, re, cl, ce = tiles.softmax_stats(image, text, scale, bias, impl)
     pos = positive_logits(image, text, scale, bias, rl.dtype)
     loss = 0.5 * ((rl - pos).mean() + (cl - pos).mean())
     # d(lse_i - pos_i)/d scale = (E_softmax[l] - pos_i) / scale: the bias cancels.
     dscale = 0.5 * ((re - pos).mean() + (ce - pos).mean()) / scale.to(rl.dtype).reshape(())
-    return loss.to(image.dtype), rl, cl, dscale
+    return loss, rl, cl, dscale
 
 
 @clip_loss_fwd.register_fake
 def _(image, text, scale, bias, impl):
     dt = torch.float64 if image.dtype == torch.float64 else torch.float32
     b = image.shape[0]
-    return image.new_empty((), dtype=image.dtype), image.new_empty(b, dtype=dt), image.new_empty(b, dtype=dt), \
+    return image.new_empty((), dtype=dt), image.new_empty(b, dtype=dt), image.new_empty(b, dtype=dt), \
         image.new_empty((), dtype=dt)
 
 
@@ -81,15 +82,15 @@ clip_loss_fwd.register_autograd(_clip_backward, setup_context=_clip_setup)
 
 @torch.library.custom_op("mmfast::siglip_loss_fwd", mutates_args=())
 def siglip_loss_fwd(image: Tensor, text: Tensor, scale: Tensor, bias: Tensor | None, impl: str) -> Tensor:
-    """SigLIP loss for W=1: (sum_ij softplus(l_ij) - sum_i l_ii) / B, in image.dtype."""
+    """SigLIP loss for W=1: (sum_ij softplus(l_ij) - sum_i l_ii) / B, in the accumulation dtype."""
     rows = tiles.sigmoid_rowsum(image, text, scale, bias, impl)
     pos = positive_logits(image, text, scale, bias, rows.dtype)
-    return ((rows.sum() - pos.sum()) / image.shape[0]).to(image.dtype)
+    return (rows.sum() - pos.sum()) / image.shape[0]
 
 
 @siglip_loss_fwd.register_fake
 def _(image, text, scale, bias, impl):
-    return image.new_empty((), dtype=image.dtype)
+    return image.new_empty((), dtype=torch.float64 if image.dtype == torch.float64 else torch.float32)
 
 
 @torch.library.custom_op("mmfast::siglip_loss_bwd", mutates_args=())

@@ -366,3 +366,14 @@ def test_torchrun_two_processes_match_one(tmp_path):
     # changes the loss by 1e-3 or more from step 2 on).
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-5), (step, a, b)
+
+
+def test_export_csv_roundtrip(tmp_path):
+    from mmfast.train.data import load_csv
+    from mmfast.train.export_csv import export
+
+    path = export(tmp_path / "shapes", n=5, image_size=32, seed=3)
+    ds = load_csv(path, 32)
+    assert len(ds) == 5 and len(list((tmp_path / "shapes" / "images").glob("*.png"))) == 5
+    images, captions = ds.batch([0, 4])
+    assert images.shape == (2, 3, 32, 32) and all(captions)

@@ -471,3 +471,27 @@ def test_triton_not_supported_reasons():
         assert any("bfloat16" in s for s in reasons)
     wide = torch.empty(1, 3, tk.MAX_BWD_C + 1, device=dev)
     assert any("features" in s for s in tk.tome_merge_wavg_bwd_not_supported_reasons(wide, None, wide))
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.mmfast, "tome_match"), reason="C++ extension without ToMe kernels")
+@pytest.mark.parametrize("b,n,c", [(64, 577, 64), (7, 577, 80), (64, 197, 80)])
+@pytest.mark.parametrize("class_token,distill_token", [(False, False), (True, False), (True, True)])
+def test_cpp_matching_and_merge_issue_grid(b, n, c, class_token, distill_token):
+    # The issue's full-size grid (B up to 64, N up to 577, head dims 64 and 80) on the C++ kernels.
+    from mmfast.reference import tome as ref
+
+    g = torch.Generator().manual_seed(b * n + c)
+    metric = torch.randn(b, n, c, generator=g)
+    x = torch.randn(b, n, c, generator=g)
+    for r in (1, 8, n):
+        want = ref.matching_indices(metric, r, class_token, distill_token)
+        got = torch.ops.mmfast.tome_match(metric, r, class_token, distill_token)
+        for w_, g_ in zip(want, got):
+            assert torch.equal(w_, g_)
+        if want[1].shape[1] == 0:
+            continue
+        merge, _ = ref.bipartite_soft_matching(metric, r, class_token, distill_token)
+        xw, sw = ref.merge_wavg(merge, x)
+        xg, sg = torch.ops.mmfast.tome_merge_wavg(x, None, *got)
+        assert torch.equal(sg, sw)
+        assert torch.allclose(xg, xw, rtol=0, atol=4 * torch.finfo(torch.float32).eps * xw.abs().max().item())

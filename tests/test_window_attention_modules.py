@@ -360,3 +360,25 @@ def test_window_partition_roundtrip_and_grads(impl, order):
     assert torch.allclose(gx, wx) and torch.allclose(gp, wp)
     with pytest.raises(ValueError, match="channels-last"):
         mmfast.functional.window_partition(x[0], 4)
+
+
+@pytest.mark.skipif("cpp" not in IMPLS, reason="C++ extension without window attention")
+def test_patched_timm_compiles_fullgraph_without_recompiles():
+    torch.manual_seed(0)
+    blk = tswin.SwinTransformerBlock(dim=32, input_resolution=(14, 14), num_heads=2, window_size=7, shift_size=3,
+                                     dynamic_mask=True)
+    mpatch.apply_window_attention(blk)
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    compiled = torch.compile(blk, fullgraph=True, dynamic=True, backend="aot_eager")
+    for hw in [(13, 20), (14, 14), (21, 9)]:  # non-square first: see the test above
+        x = torch.randn(2, *hw, 32)
+        assert torch.allclose(compiled(x), blk(x), atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=10).eval()
+    mpatch.apply_window_attention(model)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(torch.compile(model, fullgraph=True, backend="aot_eager")(x), model(x), atol=1e-4)

@@ -11,13 +11,14 @@ What is predicted, per rank and per step (loss forward + backward, the features 
 
   - ``mmfast`` (:mod:`mmfast.distributed.contrastive`, ``group_size`` g, ``K = W // g`` groups):
     forward: a 4 x int64 ``all_gather_into_tensor`` of the batch sizes over the world; the texts
-    ``all_gather_into_tensor`` over ``intra`` (g ranks, ``B*D`` elements each); the group block
-    ``all_gather_into_tensor`` over ``column`` (K ranks, ``g*B*D``), async, overlapped with the own
-    group's tiles; CLIP adds two world ``all_reduce`` of the column statistics (``N`` and ``2N``
+    ``all_gather_into_tensor`` over ``column`` (K ranks, ``B*D`` elements each); the column block
+    ``all_gather_into_tensor`` over ``intra`` (g ranks, ``K*B*D``), async, overlapped with the column
+    block's tiles; CLIP adds two world ``all_reduce`` of the column statistics (``N`` and ``2N``
     floats, N = W*B, fp32) and, without ``local_loss``, one of 2 floats. Backward: CLIP with
     ``gather_with_grad`` one scalar (``all_gather_into_tensor`` with ``local_loss``, else
-    ``all_reduce``); the text-gradient partials ``reduce_scatter_tensor`` over ``column`` (input
-    ``K*g*B*D``), async, overlapped with the own group's tiles, then over ``intra`` (input ``g*B*D``).
+    ``all_reduce``); the text-gradient partials ``reduce_scatter_tensor`` over ``intra`` (input
+    ``g*K*B*D``), async, overlapped with the column block's tiles, then over ``column`` (input
+    ``K*B*D``).
   - ``open_clip`` ``ClipLoss`` (``gather_features``): two world ``all_gather`` (list) of ``B*D``;
     with ``gather_with_grad`` their backward is, on NCCL, two ``reduce_scatter`` (list) and, on gloo,
     ``torch.distributed.nn``'s all-to-all emulation, ``W`` ``scatter`` calls each of which this rank
@@ -67,8 +68,9 @@ What is predicted, per rank and per step (loss forward + backward, the features 
   ``backend="gloo"`` adds what gloo and the C++ kernels allocate on a CPU, so that the distributed
   tests can check the prediction against the profiler.
 
-:func:`predict_mmfast` with ``order="column-first"`` is a what-if, not what mmfast does: see its
-docstring. Every figure is per rank and per step, for equal local batch sizes.
+:func:`predict_mmfast` with ``order="intra-first"`` is a what-if (mmfast's first implementation,
+which gathered inside the group first): see its docstring. Every figure is per rank and per step,
+for equal local batch sizes.
 """
 
 from __future__ import annotations
@@ -550,9 +552,108 @@ class _Mem:
         self.peak = max(self.peak, self.now + int(nbytes))
 
 
-def _mmfast_memory(prob: Problem, g: int, loss: str, backend: str = "nccl") -> int:
+def _mmfast_memory(prob: Problem, g: int, loss: str, backend: str = "nccl", order: str = "column-first") -> int:
     """Peak bytes allocated inside mmfast's distributed loss (forward + backward), equal batches, by
-    replaying the allocations of :mod:`mmfast.distributed.contrastive` in order.
+    replaying the allocations of :mod:`mmfast.distributed.contrastive` (column-first) in order;
+    ``order="intra-first"``: :func:`_mmfast_memory_intra_first` (the what-if).
+
+    Forward: the column block ``K*B*D`` (column all-gather), the group all-gather's output ``N*D``
+    (by position), the texts in rank order (a copy of it when g > 1 and K > 1; kept for backward),
+    the copy of the other columns (``index_select``), the O(N) column statistics (CLIP).
+    Backward: the kept texts, the partials ``N*D`` in the feature dtype, per column set (the other
+    columns, then the own block) its copy (``index_select``), the kernel's fp32 gradients and their
+    cast to the feature dtype (temporaries of the call); the group reduce-scatter's padded copy of
+    the partials and its by-position transpose (a copy when K > 1), its output ``K*B*D``; the own
+    block's padded partials and their sum with the group's, and the column reduce-scatter's output.
+    ``backend="nccl"``: a GPU with NCCL and the Triton kernels (no workspace); ``"gloo"``: CPU, gloo
+    and the C++ kernels, which make fp32 copies of the ``M x D`` rows (and, for 16-bit features, of
+    the columns), and gloo's own buffers (all-gather: one of the output's size during the call, to
+    the wait when async; reduce-scatter: a copy of the input, kept, like the output, as long as the
+    async work object).
+    """
+    if order == "intra-first":
+        return _mmfast_memory_intra_first(prob, g, loss, backend)
+    w, b, d, n, es, fs = prob.world, prob.batch, prob.dim, prob.n, prob.es, _stat_bytes(prob.dtype)
+    k = w // g
+    own = k * b  # the column block: ranks j * g + p
+    oth = n - own  # every other column (none when g == 1)
+    gloo, clip = backend == "gloo", loss == "clip"
+
+    def ws(cols: int) -> int:  # the C++ kernels' fp32 copies (rows; columns too for 16-bit features)
+        return (b * d * fs + (cols * d * fs if es < 4 else 0)) if gloo else 0
+
+    m = _Mem()
+    # ---- forward
+    m.alloc("sizes", 32 * (w + 1))
+    if k > 1:  # column all-gather (sync) of the own texts into the column block
+        m.alloc("col", own * d * es)
+        if gloo:
+            m.tmp(own * d * es)
+    if g > 1:  # async group all-gather of the column block, by position
+        m.alloc("by_pos", n * d * es)
+        if gloo:
+            m.alloc("ag_tmp", n * d * es)
+    m.alloc("idx", n * 8)  # _column_split's index tensors
+    m.tmp(ws(own))
+    m.alloc("own_stats", (2 * b + (2 * own if clip else 0)) * fs)
+    m.free("ag_tmp")  # wait_all
+    if g > 1 and k > 1:  # [g, K, B, D] -> rank order: a copy (else a view of by_pos / col)
+        m.alloc("texts", n * d * es)
+    if clip:
+        m.alloc("col_lse", n * fs)
+        m.alloc("col_el", n * fs)
+    if oth:
+        m.alloc("others", oth * d * es)
+        m.tmp(ws(oth))
+        m.alloc("oth_stats", (2 * b + (2 * oth if clip else 0)) * fs)
+    if clip:
+        m.tmp(6 * n * fs)  # gmax, weights, stacked sums, logs
+    # the texts kept for backward: the copy, or by_pos (g > 1), or the column block (g == 1)
+    m.free("sizes", "idx", "own_stats", "others", "oth_stats", "col_el",
+           "col" if g > 1 else "", "by_pos" if k > 1 else "")
+    # ---- backward
+    if clip:
+        m.alloc("vec", 3 * n * fs)  # owner_b, a_col, b_col
+    m.alloc("idx", n * 8)
+    m.alloc("partial", n * d * es)
+    m.alloc("d_image", b * d * fs)
+
+    def grads(cols: int) -> None:  # the column set's copy, the kernel's outputs and their cast
+        m.alloc("sel", cols * d * es + (2 * cols * fs if clip else 0))
+        m.alloc("d_i", b * d * fs)
+        m.alloc("d_t", cols * d * fs)
+        m.tmp(ws(cols))
+        if es != fs:
+            m.alloc("d_t_lp", cols * d * es)
+        m.free("sel", "d_i", "d_t" if es != fs else "")
+
+    if oth:
+        grads(oth)  # scattered into the partials (index_copy_), then freed
+        m.free("d_t", "d_t_lp")
+    if g > 1:  # padded copy of the partials, by position (a copy when K > 1), async reduce-scatter
+        m.alloc("full", n * d * es)
+        if k > 1:
+            m.alloc("by_pos_g", n * d * es)
+        m.alloc("grp", own * d * es)
+        if gloo:
+            m.alloc("rs_copy", n * d * es)
+    grads(own)
+    m.alloc("own", own * d * es)  # padded_blocks of the own block's gradients
+    m.free("d_t", "d_t_lp")
+    if g > 1:
+        m.alloc("own_sum", own * d * es)  # own + grp
+        m.free("own")
+    if k > 1:
+        m.alloc("mine", b * d * es)
+        if gloo:
+            m.tmp(own * d * es)
+    m.free("full", "by_pos_g", "grp", "rs_copy")
+    return m.peak
+
+
+def _mmfast_memory_intra_first(prob: Problem, g: int, loss: str, backend: str = "nccl") -> int:
+    """Peak bytes of the intra-first what-if (mmfast's first implementation: texts gathered inside
+    the group, then group blocks over the column), replaying that implementation's allocations.
 
     Forward: the gathered texts ``N*D`` (kept for backward), the group block, the copy of the other
     groups' columns (``torch.cat``, alive to the end of forward), the O(N) column statistics (CLIP).
@@ -688,20 +789,22 @@ def predict_mmfast(
     local_loss: bool = True,
     gather_with_grad: bool = True,
     backend: str = "nccl",
-    order: str = "intra-first",
+    order: str = "column-first",
 ) -> Prediction:
     """mmfast's grouped all-gather loss (``loss``: ``clip`` or ``siglip``) with ``group_size`` g.
 
-    ``order="column-first"`` is a what-if, not what mmfast does: the own text goes over the
-    ``column`` ring first (``B*D`` a rank) and the ``K*B*D`` column block is then all-gathered inside
-    the group (mirrored in backward), so each remote text crosses into a node once instead of g times.
+    ``order="column-first"`` is what mmfast does: the own text goes over the ``column`` ring first
+    (``B*D`` a rank) and the ``K*B*D`` column block is then all-gathered inside the group (mirrored in
+    backward), so each remote text crosses into a node once. ``order="intra-first"`` is a what-if
+    (mmfast's first implementation): gather inside the group first, then pass ``g*B*D`` group blocks
+    over the column ring, so each remote text crosses into a node g times.
     """
     w, b, d, es = prob.world, prob.batch, prob.dim, prob.es
     g = group_size
     if w % g:
         raise ValueError(f"group_size {g} does not divide the world size {w}")
     if order not in ("intra-first", "column-first"):
-        raise ValueError(f"order {order!r}: intra-first (mmfast) or column-first (what-if)")
+        raise ValueError(f"order {order!r}: column-first (mmfast) or intra-first (what-if)")
     k, n, fs = w // g, prob.n, _stat_bytes(prob.dtype)
     dt, st = prob.dtype, "float64" if fs == 8 else "float32"
     bld = _Builder(prob, cluster)
@@ -721,8 +824,11 @@ def predict_mmfast(
            Stage(f"{second[0]} all-gather | own tiles", coll("all_gather_into_tensor", second, second[2], "forward"),
                  _tile_fwd(rates, b, own, d), overlap=True)]
     # elementwise passes over O(N*D) buffers (bytes read + written): the copy of the other columns
+    # (and, column-first, the texts' transpose to rank order)
     oth = others if second[1] > 1 else 0
     copies_fwd = 2 * oth * d * es
+    if order == "column-first" and g > 1 and k > 1:  # wait_all's transpose to rank order
+        copies_fwd += 2 * n * d * es
     fwd.append(Stage("other tiles", [], _tile_fwd(rates, b, others, d) + copies_fwd / rates.mem_bw))
     bwd: list[Stage] = []
     if loss == "clip":
@@ -734,10 +840,20 @@ def predict_mmfast(
         if gather_with_grad:
             op = "all_gather_into_tensor" if local_loss else "all_reduce"
             bwd.append(Stage("grad scalars", [bld.ring(op, "world", g, fs, st, "backward")]))
-    # zeroed fp32 partials, the other columns' copy (index_select) and scatter back (index_copy_), the
-    # cast of the partials to the feature dtype, the own block's cast and sum
-    copies_bwd = n * d * fs + 2 * oth * d * es + 2 * oth * d * fs + (n * d * (fs + es) if es != fs else 0) \
-        + 2 * own * d * es
+    if order == "intra-first":
+        # zeroed fp32 partials, the other columns' copy (index_select) and scatter back (index_copy_),
+        # the cast of the partials to the feature dtype, the own block's cast and sum
+        copies_bwd = n * d * fs + 2 * oth * d * es + 2 * oth * d * fs + (n * d * (fs + es) if es != fs else 0) \
+            + 2 * own * d * es
+    else:
+        # zeroed partials (feature dtype); per column set its copy (index_select) and the cast of the
+        # kernel's fp32 gradient; the other columns scattered back (index_copy_); the group
+        # reduce-scatter's padded copy (zeros + copy) and by-position transpose (K > 1); the own
+        # block's padded copy and its sum with the group's
+        cast = (fs + es) * d if es != fs else 0
+        copies_bwd = n * d * es + 2 * n * d * es + n * cast + 2 * oth * d * es \
+            + ((3 + (2 if k > 1 else 0)) * n * d * es if g > 1 else 0) + 3 * own * d * es \
+            + (3 * own * d * es if g > 1 else 0)
     bwd.append(Stage("other tiles (bwd)", [], _tile_bwd(rates, b, others, d) + copies_bwd / rates.mem_bw))
     bwd.append(Stage(f"{second[0]} reduce-scatter | own tiles",
                      coll("reduce_scatter_tensor", second, second[1] * second[2], "backward"),
@@ -749,10 +865,10 @@ def predict_mmfast(
         params.update(local_loss=local_loss, gather_with_grad=gather_with_grad)
     name = "mmfast-clip" if loss == "clip" else "mmfast-siglip"
     label = f"mmfast {'ClipLoss' if loss == 'clip' else 'SigLipLoss'} g={g}"
-    if order == "column-first":
-        name, label = name + "-colfirst", label + " column-first (what-if)"
+    if order == "intra-first":
+        name, label = name + "-intrafirst", label + " intra-first (what-if)"
     stages = [st_ for st_ in fwd + bwd if st_.comm or st_.compute_s]
-    return Prediction(name, label, prob, params, stages, _mmfast_memory(prob, g, loss, backend), cluster.name,
+    return Prediction(name, label, prob, params, stages, _mmfast_memory(prob, g, loss, backend, order), cluster.name,
                       rates.source)
 
 
@@ -872,7 +988,7 @@ def predict_all(
 ) -> list[Prediction]:
     """Every scheme on one problem: open_clip ClipLoss (local+gwg), open_clip SigLipLoss (bidir),
     Inf-CL, mmfast ClipLoss (local+gwg) for each group size dividing W (and mmfast SigLipLoss);
-    ``include_whatif`` adds mmfast ClipLoss with the column-first order (not implemented: a what-if)."""
+    ``include_whatif`` adds mmfast ClipLoss with the intra-first order (mmfast's first implementation)."""
     w = prob.world
     gs = sorted(group_sizes) if group_sizes is not None else [g for g in range(1, w + 1) if w % g == 0]
     preds = [predict_open_clip_clip(prob, cluster, rates)]
@@ -884,7 +1000,7 @@ def predict_all(
     if include_siglip:
         preds += [predict_mmfast(prob, cluster, rates, g, loss="siglip") for g in gs]
     if include_whatif:
-        preds += [predict_mmfast(prob, cluster, rates, g, order="column-first") for g in gs]
+        preds += [predict_mmfast(prob, cluster, rates, g, order="intra-first") for g in gs]
     return preds
 
 
@@ -1001,7 +1117,7 @@ def simulate(
     cluster: Cluster = DGX_H200,
     rates: ComputeRates = H200_BF16,
 ) -> list[Prediction]:
-    """Predictions of every scheme (and the column-first what-if) for each world size and local batch size."""
+    """Predictions of every scheme (and the intra-first what-if) for each world size and local batch size."""
     out: list[Prediction] = []
     for b in batches:
         for w in worlds:
@@ -1019,7 +1135,7 @@ def _fmt_bytes(n: float) -> str:
 def _series(preds: Sequence[Prediction], gpn: int) -> dict[str, list[Prediction]]:
     """The lines drawn / tabulated: the baselines, mmfast ClipLoss g=1, g=node (mmfast's default under
     torchrun), g=W and the recommended g, mmfast SigLipLoss's best g, and, when predicted, the
-    column-first what-if at g=node."""
+    intra-first what-if at g=node."""
     s: dict[str, list[Prediction]] = {}
     by_world: dict[int, list[Prediction]] = {}
     for p in preds:
@@ -1033,8 +1149,8 @@ def _series(preds: Sequence[Prediction], gpn: int) -> dict[str, list[Prediction]
                 for name, want in (("g=1", 1), ("g=node", min(gpn, w)), ("g=W", w)):
                     if g == want:
                         s.setdefault(f"mmfast ClipLoss {name}", []).append(p)
-            elif p.scheme == "mmfast-clip-colfirst" and g == min(gpn, w):
-                s.setdefault("what-if: column-first g=node", []).append(p)
+            elif p.scheme == "mmfast-clip-intrafirst" and g == min(gpn, w):
+                s.setdefault("what-if: intra-first g=node", []).append(p)
         s.setdefault("mmfast ClipLoss best g", []).append(recommend(ps))
         if any(p.scheme == "mmfast-siglip" for p in ps):
             s.setdefault("mmfast SigLipLoss best g", []).append(recommend(ps, "mmfast-siglip"))

@@ -1,19 +1,21 @@
 """Exact CLIP and SigLIP losses across ranks with a grouped all-gather.
 
-Images stay on their rank; text features travel. Rank r computes the tiles of its image rows
-against every text column, and:
+Images stay on their rank; text features travel. Rank r = (group k, position p) computes the tiles of
+its image rows against every text column, and:
 
-forward:  texts are all-gathered inside the rank's group (``intra``), then the group block is
-          all-gathered over the ``column`` ring (the same position in every other group), issued
-          asynchronously while the tiles of the own group are computed. CLIP also combines the
-          column log-sum-exp partials of every rank (two all-reduces of N floats).
-backward: the text-gradient partials of other groups' blocks are reduce-scattered over the
-          ``column`` ring (asynchronously, while the own group's tiles are computed), then over
-          ``intra``. Image gradients are complete locally.
+forward:  its texts are all-gathered over its ``column`` (the ranks at position p of every group: one
+          per node, the network), then that column block is all-gathered inside the group
+          (``intra``: NVLink), asynchronously, while the tiles of the column block are computed. Each
+          remote text crosses the network into a node once, not once per rank of the node. CLIP also
+          combines the column log-sum-exp partials of every rank (two all-reduces of N floats).
+backward: the mirror: text-gradient partials are reduce-scattered inside the group (asynchronously,
+          while the column block's tiles are computed), then over the column. Image gradients are
+          complete locally.
 
 Elements sent per rank per step: (W-1)*B*D forward + (W-1)*B*D backward, plus O(W*B) for the
-log-sum-exp exchange: half of open_clip's local_loss + gather_with_grad (4(W-1)*B*D). Unequal
-local batch sizes are supported (blocks are padded to the largest one for the collectives).
+log-sum-exp exchange: half of open_clip's local_loss + gather_with_grad (4(W-1)*B*D); of that only
+(W/g - 1)*B*D each way crosses the network. Unequal local batch sizes are supported (blocks are
+padded to the largest one for the collectives).
 
 Gradient semantics are open_clip's, per flag (see mmfast.reference.contrastive.simulate_ranks).
 """
@@ -70,49 +72,55 @@ def exchange_sizes(image: Tensor, text: Tensor, layout: GroupLayout) -> list[int
 
 
 class _TextExchange:
-    """Texts of every rank, gathered in rank order: own group first, the rest when they arrive."""
+    """Texts of every rank: the column block first, everything when the group gather arrives."""
 
     def __init__(self, text: Tensor, sizes: list[int], layout: GroupLayout):
         self.layout, self.sizes = layout, sizes
         self.bmax = max(sizes)
         self.uneven = len(set(sizes)) > 1
-        g = layout.group_size
+        g, k = layout.group_size, layout.num_groups
         local = text.detach()
         if self.uneven and local.shape[0] < self.bmax:
             local = torch.cat([local, local.new_zeros(self.bmax - local.shape[0], local.shape[1])])
         local = local.contiguous()
-        if layout.intra is not None:
-            grp = local.new_empty(g * self.bmax, local.shape[1])
-            dist.all_gather_into_tensor(grp, local, group=layout.intra)
-        else:
-            grp = local
-        self.group_block = grp
-        self._work = None
         if layout.column is not None:
-            self.all_padded = grp.new_empty(layout.num_groups * grp.shape[0], grp.shape[1])
-            self._work = dist.all_gather_into_tensor(self.all_padded, grp, group=layout.column, async_op=True)
+            col = local.new_empty(k * self.bmax, local.shape[1])
+            dist.all_gather_into_tensor(col, local, group=layout.column)
         else:
-            self.all_padded = grp
+            col = local
+        self.column_block = col  # texts of ranks j * g + p, j = 0..k-1
+        self._work = None
+        if layout.intra is not None:
+            self.by_position = col.new_empty(g * k * self.bmax, col.shape[1])  # [g (position), k, bmax, D]
+            self._work = dist.all_gather_into_tensor(self.by_position, col, group=layout.intra, async_op=True)
+        else:
+            self.by_position = col
 
-    def ranks_of_group(self, k: int) -> range:
-        g = self.layout.group_size
-        return range(k * g, (k + 1) * g)
-
-    def compact(self, padded: Tensor, ranks: range) -> Tensor:
-        """Rows of ``ranks`` without padding, from a padded block that starts at ranks[0]."""
+    def compact(self, padded: Tensor, ranks: list[int]) -> Tensor:
+        """Rows of ``ranks`` without padding, from blocks of ``bmax`` rows in the order of ``ranks``."""
         if not self.uneven:
             return padded
         idx = [r0 * self.bmax + i for r0, r in enumerate(ranks) for i in range(self.sizes[r])]
         return padded.index_select(0, torch.tensor(idx, device=padded.device))
 
-    def own_group(self) -> Tensor:
-        return self.compact(self.group_block, self.ranks_of_group(self.layout.group_index))
+    def own(self) -> Tensor:
+        """The texts of this rank's column (ranks j * g + p), compact, in that rank order."""
+        return self.compact(self.column_block, column_ranks(self.layout))
 
     def wait_all(self) -> Tensor:
+        """Every rank's texts, compact, in rank order."""
+        g, k, d = self.layout.group_size, self.layout.num_groups, self.column_block.shape[1]
         if self._work is not None:
             self._work.wait()
             self._work = None
-        return self.compact(self.all_padded, range(self.layout.world_size))
+        # [g (position), k (group), bmax, D] -> rank order j * g + q
+        full = self.by_position.view(g, k, self.bmax, d).transpose(0, 1).reshape(g * k * self.bmax, d)
+        return self.compact(full, list(range(self.layout.world_size)))
+
+
+def column_ranks(layout: GroupLayout) -> list[int]:
+    g = layout.group_size
+    return [j * g + layout.position for j in range(layout.num_groups)]
 
 
 def _offsets(sizes: list[int]) -> list[int]:
@@ -123,14 +131,14 @@ def _offsets(sizes: list[int]) -> list[int]:
     return out
 
 
-def _split_columns(layout: GroupLayout, sizes: list[int]) -> tuple[int, int]:
-    """(start, end) of the own group's columns in the global column order."""
+def _column_split(layout: GroupLayout, sizes: list[int], device) -> tuple[Tensor, Tensor]:
+    """Global column indices of (this rank's column block, every other column), each ascending."""
     offs = _offsets(sizes)
-    g = layout.group_size
-    k = layout.group_index
-    start = offs[k * g]
-    end = offs[(k + 1) * g - 1] + sizes[(k + 1) * g - 1]
-    return start, end
+    mine = set(column_ranks(layout))
+    own = [offs[r] + i for r in sorted(mine) for i in range(sizes[r])]
+    other = [offs[r] + i for r in range(len(sizes)) if r not in mine for i in range(sizes[r])]
+    as_t = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
+    return as_t(own), as_t(other)
 
 
 def _merge_lse(lse_a: Tensor, el_a: Tensor, lse_b: Tensor, el_b: Tensor) -> tuple[Tensor, Tensor]:
@@ -139,49 +147,43 @@ def _merge_lse(lse_a: Tensor, el_a: Tensor, lse_b: Tensor, el_b: Tensor) -> tupl
     return lse, wa * el_a + wb * el_b
 
 
-def _reduce_text_grads(partial: Tensor, sizes: list[int], layout: GroupLayout, own_partial_fn) -> Tensor:
+def _reduce_text_grads(partial: Tensor, sizes: list[int], layout: GroupLayout, own_cols: Tensor,
+                       own_partial_fn) -> Tensor:
     """Sum text-gradient partials [N, D] of every rank into the owner's [B_r, D].
 
-    ``partial`` holds this rank's partials for every column except the own group's, which
-    ``own_partial_fn()`` computes while the column reduce-scatter is in flight.
+    ``partial`` holds this rank's partials for every column except its column block's (zeros there),
+    which ``own_partial_fn()`` computes ([len(own_cols), D]) while the group reduce-scatter runs.
     """
-    g, bmax = layout.group_size, max(sizes)
-    uneven = len(set(sizes)) > 1
+    g, k, bmax = layout.group_size, layout.num_groups, max(sizes)
     d = partial.shape[1]
     offs = _offsets(sizes)
+    ranks = column_ranks(layout)
 
-    def padded(block: Tensor, ranks: range) -> Tensor:
-        if not uneven:
-            return block
-        out = block.new_zeros(len(ranks) * bmax, d)
+    def padded_blocks(rows: Tensor, order: list[int]) -> Tensor:
+        """[len(order) * bmax, D]: rank blocks of ``rows`` (compact, global column order of ``order``)."""
+        out = rows.new_zeros(len(order) * bmax, d)
         row = 0
-        for i, r in enumerate(ranks):
-            out[i * bmax:i * bmax + sizes[r]] = block[row:row + sizes[r]]
+        for i, r in enumerate(order):
+            out[i * bmax:i * bmax + sizes[r]] = rows[row:row + sizes[r]]
             row += sizes[r]
         return out
 
-    k = layout.group_index
-    start, end = _split_columns(layout, sizes)
     work = None
-    if layout.column is not None:
-        full = padded(partial, range(layout.world_size))
-        full = full.view(layout.num_groups, g * bmax, d)
-        full[k].zero_()  # the own group's block is added after the ring
-        grp = full.new_empty(g * bmax, d)
-        work = dist.reduce_scatter_tensor(grp, full.reshape(-1, d), group=layout.column, async_op=True)
-    own = own_partial_fn()  # [end - start, D]: computed while the ring reduce-scatter runs
-    own_p = padded(own, range(k * g, (k + 1) * g))
+    if layout.intra is not None:
+        full = padded_blocks(partial, list(range(layout.world_size)))  # rank order j * g + q
+        by_pos = full.view(k, g, bmax, d).transpose(0, 1).contiguous()  # [g (dest position), k, bmax, D]
+        grp = by_pos.new_empty(k * bmax, d)
+        work = dist.reduce_scatter_tensor(grp, by_pos.view(g * k * bmax, d), group=layout.intra, async_op=True)
+    own = padded_blocks(own_partial_fn(), ranks)  # [k * bmax, D]: computed while the group reduce-scatter runs
     if work is not None:
         work.wait()
-        grp = grp + own_p
+        own = own + grp
+    if layout.column is not None:
+        mine = own.new_empty(bmax, d)
+        dist.reduce_scatter_tensor(mine, own.contiguous(), group=layout.column)
     else:
-        grp = own_p
-    if layout.intra is not None:
-        mine = grp.new_empty(bmax, d)
-        dist.reduce_scatter_tensor(mine, grp.contiguous(), group=layout.intra)
-    else:
-        mine = grp
-    del offs, start, end
+        mine = own
+    del offs
     return mine[: sizes[layout.rank]]
 
 
@@ -193,20 +195,18 @@ class _ClipDistFn(torch.autograd.Function):
         offs = _offsets(sizes)
         n_total = sum(sizes)
         ex = _TextExchange(text, sizes, layout)
-        own = ex.own_group()
-        start, end = _split_columns(layout, sizes)
-        rl, re, cl_own, ce_own = tiles.softmax_stats(image, own, scale, bias, impl)
+        own_cols, other_cols = _column_split(layout, sizes, image.device)
+        # the column block's tiles run while the group all-gather is in flight
+        rl, re, cl_own, ce_own = tiles.softmax_stats(image, ex.own(), scale, bias, impl)
         texts = ex.wait_all()
         dt = rl.dtype
         col_lse = torch.full((n_total,), float("-inf"), dtype=dt, device=image.device)
         col_el = torch.zeros(n_total, dtype=dt, device=image.device)
-        col_lse[start:end], col_el[start:end] = cl_own, ce_own
-        if layout.num_groups > 1:
-            others = torch.cat([texts[:start], texts[end:]])
-            rl2, re2, cl2, ce2 = tiles.softmax_stats(image, others, scale, bias, impl)
+        col_lse[own_cols], col_el[own_cols] = cl_own, ce_own
+        if other_cols.numel():
+            rl2, re2, cl2, ce2 = tiles.softmax_stats(image, texts.index_select(0, other_cols), scale, bias, impl)
             rl, re = _merge_lse(rl, re, rl2, re2)
-            col_lse[:start], col_el[:start] = cl2[:start], ce2[:start]
-            col_lse[end:], col_el[end:] = cl2[start:], ce2[start:]
+            col_lse[other_cols], col_el[other_cols] = cl2, ce2
         # Column statistics over every rank's rows: max, then rescaled sums (O(N) floats).
         gmax = col_lse.clone()
         dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=layout.group)
@@ -271,27 +271,22 @@ class _ClipDistFn(torch.autograd.Function):
             a_col = torch.full((n_total,), 0.5 / n_total, dtype=dt, device=dev)
             b_row, b_col = a_row, a_col
         same = b_row is a_row and b_col is a_col
-        start, end = _split_columns(layout, sizes)
+        own_cols, other_cols = _column_split(layout, sizes, dev)
         d = image.shape[1]
-        partial = torch.zeros(n_total, d, dtype=dt, device=dev)
+        partial = torch.zeros(n_total, d, dtype=image.dtype, device=dev)
         d_image = torch.zeros(b_r, d, dtype=dt, device=dev)
-        if layout.num_groups > 1:
-            cols = torch.cat([torch.arange(0, start, device=dev), torch.arange(end, n_total, device=dev)])
+
+        def grads(cols):
             d_i, d_t = tiles.softmax_grads(
                 image, texts.index_select(0, cols), scale, bias, rl, col_lse[cols], a_row, a_col[cols],
                 None if same else b_row, None if same else b_col[cols], impl)
-            d_image += d_i
-            partial.index_copy_(0, cols, d_t)
-
-        def own_partial():
-            d_i, d_t = tiles.softmax_grads(
-                image, texts[start:end], scale, bias, rl, col_lse[start:end], a_row, a_col[start:end],
-                None if same else b_row, None if same else b_col[start:end], impl)
             d_image.add_(d_i)
-            return d_t
+            return d_t.to(image.dtype)
 
-        d_text = _reduce_text_grads(partial.to(image.dtype), sizes, layout,
-                                    lambda: own_partial().to(image.dtype)).to(dt)
+        if other_cols.numel():
+            partial.index_copy_(0, other_cols, grads(other_cols))
+        # the column block's tiles run while the group reduce-scatter is in flight
+        d_text = _reduce_text_grads(partial, sizes, layout, own_cols, lambda: grads(own_cols)).to(dt)
         # Positive pairs (i, offs[r] + i) are on this rank: -l_ii in the row and the column terms.
         mine = slice(offs[r], offs[r] + b_r)
         s = scale.to(dt).reshape(())
@@ -309,11 +304,11 @@ class _SigLipDistFn(torch.autograd.Function):
     def forward(ctx, image, text, scale, bias, layout, impl):
         sizes = exchange_sizes(image, text, layout)
         ex = _TextExchange(text, sizes, layout)
-        rows = tiles.sigmoid_rowsum(image, ex.own_group(), scale, bias, impl)
+        rows = tiles.sigmoid_rowsum(image, ex.own(), scale, bias, impl)
         texts = ex.wait_all()
-        start, end = _split_columns(layout, sizes)
-        if layout.num_groups > 1:
-            rows = rows + tiles.sigmoid_rowsum(image, torch.cat([texts[:start], texts[end:]]), scale, bias, impl)
+        _, other_cols = _column_split(layout, sizes, image.device)
+        if other_cols.numel():
+            rows = rows + tiles.sigmoid_rowsum(image, texts.index_select(0, other_cols), scale, bias, impl)
         pos = positive_logits(image, text, scale, bias, rows.dtype)
         loss = (rows.sum() - pos.sum()) / image.shape[0]
         ctx.save_for_backward(image, texts, scale, bias)
@@ -331,23 +326,21 @@ class _SigLipDistFn(torch.autograd.Function):
         dev = image.device
         g = grad.to(dt).reshape(())
         w = (g / b_r).expand(b_r).contiguous()
-        start, end = _split_columns(layout, sizes)
-        partial = torch.zeros(n_total, d, dtype=dt, device=dev)
+        own_cols, other_cols = _column_split(layout, sizes, dev)
+        partial = torch.zeros(n_total, d, dtype=image.dtype, device=dev)
         acc = {"d_image": torch.zeros(b_r, d, dtype=dt, device=dev),
                "d_scale": torch.zeros((), dtype=dt, device=dev), "d_bias": torch.zeros((), dtype=dt, device=dev)}
 
-        def run(cols_texts):
-            d_i, d_t, d_s, d_b = tiles.sigmoid_grads(image, cols_texts, scale, bias, w, impl)
+        def run(cols):
+            d_i, d_t, d_s, d_b = tiles.sigmoid_grads(image, texts.index_select(0, cols), scale, bias, w, impl)
             acc["d_image"] += d_i
             acc["d_scale"] += d_s
             acc["d_bias"] += d_b
-            return d_t
+            return d_t.to(image.dtype)
 
-        if layout.num_groups > 1:
-            cols = torch.cat([torch.arange(0, start, device=dev), torch.arange(end, n_total, device=dev)])
-            partial.index_copy_(0, cols, run(texts.index_select(0, cols)))
-        d_text = _reduce_text_grads(partial.to(image.dtype), sizes, layout,
-                                    lambda: run(texts[start:end]).to(image.dtype)).to(dt)
+        if other_cols.numel():
+            partial.index_copy_(0, other_cols, run(other_cols))
+        d_text = _reduce_text_grads(partial, sizes, layout, own_cols, lambda: run(own_cols)).to(dt)
         mine = slice(offs[r], offs[r] + b_r)
         s = scale.to(dt).reshape(())
         text_l, image_l = texts[mine].to(dt), image.to(dt)

@@ -1,0 +1,525 @@
+"""``tome``: ToMe token merging on a timm ViT, inference: unmerged vs reference ToMe vs mmfast's kernels.
+
+Two kinds of configuration, both under ``torch.inference_mode()``:
+
+``part=model``: the whole timm ViT (random weights, eval), images/s. Providers:
+
+* ``timm``: the unmerged model, timm's default attention (``F.scaled_dot_product_attention``);
+* ``tome-ref`` (the baseline): a reference-style ToMe, i.e. ``mmfast.tome.apply_patch(model, r)`` with
+  every ``Attention.fused_attn = False`` (explicit ``(q * scale) @ k^T + log(size)``, softmax, ``@ v``)
+  and run under ``mmfast.use_backend("reference")``, so the matching is
+  :func:`mmfast.reference.tome.matching_indices` and the merge :func:`mmfast.reference.tome.merge_wavg`
+  (gathers + ``scatter_reduce``);
+* ``mmfast[<impl>]``: ``apply_patch(model, r)`` as shipped: SDPA with the additive ``log(size)`` mask and
+  the fused matching and merge kernels (``impl=auto``: C++ on CPU, Triton on CUDA);
+* ``mmfast[<impl>]+eager``: the fused kernels with the explicit attention of ``tome-ref``: everything
+  but the matching/merge backend is the same as the baseline, so its ``max|diff|`` checks that the
+  kernels reproduce the reference (0 when they make the same merges and sums).
+
+Every provider returns the logits; ``max|diff|`` is against ``tome-ref``; the ``timm`` row's ratio is
+``tome-ref``'s time over the unmerged time (so ``1 / ratio`` is reference ToMe's speed-up); the summary
+file gives images/s and the ratios against the unmerged model as well.
+
+``part=merge``: the matching + merge share of a block, at the per-layer shapes of the merged model
+(the inputs of layer ``L`` are captured from one forward of the mmfast-patched model). Providers:
+``tome-ref`` / ``mmfast[<impl>]``: ``mmfast.tome.merge_tokens(x, metric, r, size)`` alone (bipartite
+matching + size-weighted merge, what the block calls after its attention residual) with the reference
+backend / the fused kernels; ``tome-ref:block`` / ``mmfast[<impl>]:block``: the whole ToMe block
+(``tome_forward``: attention, residual, match + merge, MLP) of the same provider. The summary gives
+the share ``merge / block`` per layer, and summed over the layers run.
+
+How ``tome-ref`` compares with the original ToMe code (facebookresearch/ToMe, ``tome/patch/timm.py``
+and ``tome/merge.py``): the same algorithm and the same tensors. ToMe's ``ToMeAttention`` computes
+``(q @ k^T) * scale`` (mmfast/timm: ``(q * scale) @ k^T``: the same up to rounding), adds
+``size.log()[:, None, None, :, 0]``, softmaxes explicitly and returns ``k.mean(1)`` as the metric (here
+after ``k_norm``, an identity for these models); its ``bipartite_soft_matching`` normalises the
+metric, splits tokens alternately, masks the class token's row, takes ``scores.max(-1)`` and orders
+the edges with ``node_max.argsort(descending=True)``, which is not a stable sort: exactly tied scores
+may be ordered differently than mmfast's reference (stable: lower index first, the rule the kernels
+implement); ``merge_wavg`` is the same ``merge(x * size, "sum") / merge(size, "sum")`` with
+``scatter_reduce(include_self=True)``. ToMe's ``ToMeBlock`` skips timm 1.0's ``ls1``/``ls2``
+LayerScale (identities for these models) and keeps its per-forward state in a shared
+``_tome_info`` dict; mmfast threads a ``ToMeState`` instead. With one class token and no distillation
+token (ViT-B/16, ViT-L/14 CLIP) the merges are the same; the original package is not installed here,
+so this is a reading of its code, not a measurement.
+
+Shapes. CPU (float32): ``vit_base_patch16_224``, batch 8, ``r = 16`` (197 tokens -> 11 after 12
+layers); the merge share at all 12 layers. CUDA (float16): ``vit_base_patch16_224`` (``r = 16``) and
+``vit_large_patch14_clip_224`` (``r = 8``, 257 tokens, 24 layers) at batch 256, 8 and 1; the merge
+share of ViT-B at batch 256, layers 1, 6 and 12. ``--quick``: ViT-B at batch 2, merge share at
+layer 1 only (< 60 s on 2 CPU cores). ``--shapes gpu`` runs the CUDA set on any device.
+
+``finalize`` writes ``<out>/tome_<device>.png`` (images/s of the model configurations, merge share per
+layer) and ``<out>/tome_summary_<device>.md`` (``_quick`` added for ``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmfast.bench.cases import BenchCase, CaseUnavailable, register_case
+from mmfast.bench.harness import BenchResult, Provider
+
+__all__ = ["ToMeCase", "layer_shapes", "summary_markdown"]
+
+IMPLS = ("auto", "cpp", "reference", "triton", "cuda")
+#: default r per model
+DEFAULT_R = {"vit_base_patch16_224": 16, "vit_large_patch14_clip_224": 8}
+#: short names in the table
+MODEL_LABELS = {"vit_base_patch16_224": "ViT-B/16", "vit_large_patch14_clip_224": "ViT-L/14",
+                "vit_tiny_patch16_224": "ViT-Ti/16"}
+
+
+def _csv(kind: type, text: str | None) -> list[Any]:
+    return [kind(x) for x in str(text or "").replace(" ", "").split(",") if x]
+
+
+def _want(name: str, family: str, wanted: list[str] | None) -> bool:
+    """``--providers`` filter: the exact name, its family (timm, tome-ref, mmfast) or its part before '['."""
+    return not wanted or name in wanted or family in wanted or name.split("[", 1)[0] in wanted
+
+
+@contextlib.contextmanager
+def _backend(impl: str) -> Iterator[None]:
+    import mmfast
+
+    with mmfast.use_backend(impl):
+        yield
+
+
+def layer_shapes(num_tokens: int, depth: int, r: int, num_prefix_tokens: int = 1) -> list[tuple[int, int]]:
+    """``(tokens in, effective r)`` of every layer of a ToMe model with a constant ``r``."""
+    from mmfast.tome import num_mergeable
+
+    out = []
+    n = num_tokens
+    for _ in range(depth):
+        r_eff = num_mergeable(n, r, num_prefix_tokens)
+        out.append((n, r_eff))
+        n -= r_eff
+    return out
+
+
+def _shape_text(cfg: dict[str, Any]) -> str:
+    dt = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(cfg["dtype"], cfg["dtype"])
+    model = MODEL_LABELS.get(cfg["model"], cfg["model"])
+    if cfg["part"] == "model":
+        return f"model {model} B{cfg['B']} r{cfg['r']} {dt}"
+    return f"match+merge {model} L{cfg['layer']} B{cfg['B']} N{cfg['N']} r{cfg['r_eff']} {dt}"
+
+
+@register_case
+class ToMeCase(BenchCase):
+    """Unmerged timm ViT vs reference-style ToMe vs ``mmfast.tome.apply_patch`` (fused kernels)."""
+
+    name = "tome"
+    description = ("ToMe on a timm ViT, inference: unmerged vs reference ToMe vs mmfast kernels "
+                   "(images/s, output check, match+merge share)")
+    baseline = "tome-ref"
+
+    def __init__(self) -> None:
+        self._cache_key: tuple[Any, ...] | None = None
+        self._cache: dict[str, Any] = {}
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """``--shapes``, ``--models``, ``--batch``, ``--r``, ``--parts``, ``--layers``, ``--dtype``, ``--impl``,
+        ``--no-eager-check``, ``--no-plot``."""
+        parser.add_argument("--shapes", default="auto", choices=("auto", "cpu", "gpu"),
+                            help="shape set: CPU (ViT-B fp32 batch 8) or GPU (ViT-B/16 and ViT-L/14 fp16, batch 256, "
+                                 "8, 1); auto: by device")
+        parser.add_argument("--models", default=None, help="comma-separated timm model names")
+        parser.add_argument("--batch", default=None, help="comma-separated batch sizes")
+        parser.add_argument("--r", type=int, default=None, help=f"tokens merged per layer (default {DEFAULT_R})")
+        parser.add_argument("--parts", default="model,merge", help="model (images/s), merge (match+merge share)")
+        parser.add_argument("--layers", default=None, help="comma-separated 1-based layers of the merge share")
+        parser.add_argument("--dtype", default=None, help="float32 (CPU default) or float16 (GPU default), bfloat16")
+        parser.add_argument("--impl", default="auto",
+                            help=f"comma-separated mmfast impl= values, one provider each ({', '.join(IMPLS)})")
+        parser.add_argument("--no-eager-check", action="store_true",
+                            help="skip the mmfast[<impl>]+eager provider (kernels with the reference's attention)")
+        parser.add_argument("--no-plot", action="store_true", help="do not write the PNG and the summary")
+
+    # ------------------------------------------------------------------------------------------ checks
+    def _gpu_set(self, device: str, opts: argparse.Namespace) -> bool:
+        if opts.shapes == "auto":
+            return torch.device(device).type == "cuda"
+        return opts.shapes == "gpu"
+
+    def check(self, opts: argparse.Namespace) -> list[str]:
+        """Fail clearly without timm or mmfast.tome; note the skipped GPU shapes."""
+        for impl in _csv(str, opts.impl):
+            if impl not in IMPLS:
+                raise CaseUnavailable(f"--impl {impl!r}: expected one of {', '.join(IMPLS)}")
+        for part in _csv(str, opts.parts):
+            if part not in ("model", "merge"):
+                raise CaseUnavailable(f"--parts {part!r}: expected model and/or merge")
+        try:
+            import timm.models.vision_transformer  # noqa: F401
+        except Exception as exc:  # noqa: BLE001
+            raise CaseUnavailable(f"the tome case patches timm ViTs, and timm does not import: {exc}") from exc
+        try:
+            from mmfast.tome import apply_patch  # noqa: F401
+        except Exception as exc:  # noqa: BLE001
+            raise CaseUnavailable(f"mmfast.tome is not available: {exc}") from exc
+        notes = []
+        if opts.shapes == "auto" and not torch.cuda.is_available():
+            notes.append("note: no CUDA device: the GPU variants (fp16 ViT-B/16 and ViT-L/14 at batch 256, 8, 1) are "
+                         "skipped; running the CPU set.")
+        return notes
+
+    # ------------------------------------------------------------------------------------------ shapes
+    def configs(self, device: str, quick: bool, opts: argparse.Namespace) -> list[dict[str, Any]]:
+        """Model and merge-share configurations of the CPU or GPU set (module docstring)."""
+        gpu = self._gpu_set(device, opts)
+        dtype = opts.dtype or ("float16" if gpu else "float32")
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise CaseUnavailable(f"--dtype {dtype!r} is not a torch dtype")
+        parts = _csv(str, opts.parts)
+        if gpu:
+            models = _csv(str, opts.models) or (["vit_base_patch16_224"] if quick else
+                                                ["vit_base_patch16_224", "vit_large_patch14_clip_224"])
+            batches = _csv(int, opts.batch) or ([64, 1] if quick else [256, 8, 1])
+        else:
+            models = _csv(str, opts.models) or ["vit_base_patch16_224"]
+            batches = _csv(int, opts.batch) or ([2] if quick else [8])
+        cfgs: list[dict[str, Any]] = []
+        if "model" in parts:
+            for m in models:
+                r = opts.r if opts.r is not None else DEFAULT_R.get(m, 16)
+                for b in batches:
+                    cfgs.append({"part": "model", "model": m, "B": b, "r": r, "dtype": dtype})
+        if "merge" in parts:
+            m = models[0]
+            b = batches[0]
+            r = opts.r if opts.r is not None else DEFAULT_R.get(m, 16)
+            depth, tokens = _depth_tokens(m)
+            shapes = layer_shapes(tokens, depth, r)
+            if opts.layers:
+                layers = _csv(int, opts.layers)
+            elif quick:
+                layers = [1]
+            elif gpu:
+                layers = sorted({1, (depth + 1) // 2, depth})
+            else:
+                layers = list(range(1, depth + 1))
+            for layer in layers:
+                if not 1 <= layer <= depth:
+                    raise CaseUnavailable(f"--layers {layer}: {m} has layers 1..{depth}")
+                n, r_eff = shapes[layer - 1]
+                if r_eff == 0:
+                    continue
+                cfgs.append({"part": "merge", "model": m, "B": b, "r": r, "layer": layer, "N": n, "r_eff": r_eff,
+                             "dtype": dtype})
+        return cfgs
+
+    def shape(self, cfg: dict[str, Any]) -> str:
+        """``model ViT-B/16 B8 r16 fp32`` / ``match+merge ViT-B/16 L1 B8 N197 r16 fp32``."""
+        return _shape_text(cfg)
+
+    # --------------------------------------------------------------------------------------- providers
+    def providers(self, cfg: dict[str, Any], device: str, opts: argparse.Namespace) -> list[Provider]:
+        """Model part: ``timm``, ``tome-ref`` (baseline), ``mmfast[<impl>]``, ``mmfast[<impl>]+eager``.
+        Merge part: ``tome-ref`` (baseline), ``mmfast[<impl>]`` (match + merge alone), and ``...:block``."""
+        wanted = getattr(opts, "providers", None)
+        impls = _csv(str, opts.impl)
+        out: list[Provider] = []
+        if cfg["part"] == "model":
+            if _want("timm", "timm", wanted):
+                out.append(Provider("timm", self._model_setup(cfg, device, "timm"), "unmerged timm ViT (SDPA)"))
+            if _want("tome-ref", "tome-ref", wanted):
+                out.append(Provider("tome-ref", self._model_setup(cfg, device, "ref"),
+                                    "apply_patch + explicit softmax + use_backend('reference')"))
+            for impl in impls:
+                name = f"mmfast[{impl}]"
+                if _want(name, "mmfast", wanted):
+                    out.append(Provider(name, self._model_setup(cfg, device, "fused", impl),
+                                        f"apply_patch (SDPA + log(size) mask), kernels impl={impl!r}"))
+                if not opts.no_eager_check and _want(name + "+eager", "mmfast", wanted):
+                    out.append(Provider(name + "+eager", self._model_setup(cfg, device, "fused-eager", impl),
+                                        f"apply_patch with explicit softmax, kernels impl={impl!r}"))
+            return out
+        if _want("tome-ref", "tome-ref", wanted):
+            out.append(Provider("tome-ref", self._merge_setup(cfg, device, "reference", block=False),
+                                "merge_tokens under use_backend('reference')"))
+        for impl in impls:
+            name = f"mmfast[{impl}]"
+            if _want(name, "mmfast", wanted):
+                out.append(Provider(name, self._merge_setup(cfg, device, impl, block=False),
+                                    f"merge_tokens, kernels impl={impl!r}"))
+        if _want("tome-ref:block", "tome-ref", wanted):
+            out.append(Provider("tome-ref:block", self._merge_setup(cfg, device, "reference", block=True),
+                                "one ToMe block, explicit softmax, reference match+merge"))
+        for impl in impls:
+            name = f"mmfast[{impl}]:block"
+            if _want(name, "mmfast", wanted):
+                out.append(Provider(name, self._merge_setup(cfg, device, impl, block=True),
+                                    f"one ToMe block, SDPA, kernels impl={impl!r}"))
+        return out
+
+    # -- shared, cached per (model, batch, r, dtype, device): the base model and the captured layer inputs
+    def _cached(self, cfg: dict[str, Any], device: str) -> dict[str, Any]:
+        key = (cfg["model"], cfg["B"], cfg["r"], cfg["dtype"], str(device))
+        if key != self._cache_key:
+            self._cache.clear()
+            self._cache_key = key
+        return self._cache
+
+    def _base_model(self, cfg: dict[str, Any], device: str) -> torch.nn.Module:
+        cache = self._cached(cfg, device)
+        if "model" not in cache:
+            import timm
+
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = timm.create_model(cfg["model"], pretrained=False)
+            cache["model"] = model.to(device=device, dtype=getattr(torch, cfg["dtype"])).eval()
+            g = torch.Generator().manual_seed(1)
+            size = model.pretrained_cfg.get("input_size", (3, 224, 224))
+            cache["images"] = torch.randn((cfg["B"], *size), generator=g).to(device=device,
+                                                                                dtype=getattr(torch, cfg["dtype"]))
+        return cache["model"]
+
+    def _patched(self, cfg: dict[str, Any], device: str, kind: str) -> torch.nn.Module:
+        """A fresh copy of the base model: ``timm`` (unmerged), ``ref`` / ``fused-eager`` (explicit softmax
+        attention) or ``fused`` (timm's fused attention), ToMe-patched with ``r`` except ``timm``."""
+        from mmfast.tome import apply_patch
+
+        model = copy.deepcopy(self._base_model(cfg, device))
+        if kind == "timm":
+            return model
+        apply_patch(model, r=cfg["r"])
+        for blk in model.blocks:
+            blk.attn.fused_attn = kind == "fused"
+        return model
+
+    def _model_setup(self, cfg: dict[str, Any], device: str, kind: str, impl: str = "auto") -> Callable[[], Any]:
+        def setup() -> Callable[[], Any]:
+            model = self._patched(cfg, device, kind)
+            x = self._cache["images"]
+            backend = "reference" if kind == "ref" else impl
+
+            def run() -> torch.Tensor:
+                with torch.inference_mode(), _backend(backend):
+                    return model(x)
+
+            return run
+
+        return setup
+
+    def _layer_inputs(self, cfg: dict[str, Any], device: str) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """``(x, size)`` entering every block, from one forward of the mmfast-patched model."""
+        cache = self._cached(cfg, device)
+        if "inputs" not in cache:
+            model = self._patched(cfg, device, "fused")
+            captured: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+
+            def hook(module, args, kwargs):
+                state = kwargs.get("tome_state")
+                size = None if state is None or state.size is None else state.size.clone()
+                captured.append((args[0].clone(), size))
+
+            handles = [blk.register_forward_pre_hook(hook, with_kwargs=True) for blk in model.blocks]
+            with torch.inference_mode():
+                model(cache["images"])
+            for h in handles:
+                h.remove()
+            cache["inputs"] = captured
+            cache["blocks"] = {"fused": model}
+        return cache["inputs"]
+
+    def _block(self, cfg: dict[str, Any], device: str, kind: str) -> torch.nn.Module:
+        self._layer_inputs(cfg, device)
+        blocks = self._cache["blocks"]
+        if kind not in blocks:
+            blocks[kind] = self._patched(cfg, device, kind)
+        return blocks[kind].blocks[cfg["layer"] - 1]
+
+    def _merge_setup(self, cfg: dict[str, Any], device: str, impl: str, block: bool) -> Callable[[], Any]:
+        def setup() -> Callable[[], Any]:
+            from mmfast.patch.tome_timm import tome_attention
+            from mmfast.tome import merge_tokens
+
+            inputs = self._layer_inputs(cfg, device)
+            x, size = inputs[cfg["layer"] - 1]
+            if x.shape[1] != cfg["N"]:
+                raise RuntimeError(f"layer {cfg['layer']} sees {x.shape[1]} tokens, expected {cfg['N']}")
+            blk = self._block(cfg, device, "ref" if impl == "reference" else "fused")
+            if block:
+
+                def run_block() -> torch.Tensor:
+                    with torch.inference_mode(), _backend(impl):
+                        return blk.tome_forward(x, size, None, 1, True, False)[0]
+
+                return run_block
+            with torch.inference_mode():
+                y, metric = tome_attention(blk.attn, blk.norm1(x), size, True)
+                x_mid = x + blk.ls1(y)
+            r = cfg["r"]
+
+            def run_merge() -> tuple[torch.Tensor, torch.Tensor | None]:
+                with torch.inference_mode(), _backend(impl):
+                    merged, new_size, _ = merge_tokens(x_mid, metric, r, size, None, 1, False)
+                return merged, new_size
+
+            return run_merge
+
+        return setup
+
+    # ------------------------------------------------------------------------------------------ outputs
+    def finalize(self, results: list[BenchResult], out_dir: Path, opts: argparse.Namespace) -> list[Path]:
+        """The PNG and the markdown summary, unless ``--no-plot``."""
+        if getattr(opts, "no_plot", False) or not results:
+            return []
+        device = torch.device(results[0].device).type
+        tag = f"{device}{'_quick' if getattr(opts, 'quick', False) else ''}"
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        md = out / f"{self.name}_summary_{tag}.md"
+        md.write_text(summary_markdown(results, f"ToMe on {device}"))
+        png = plot_tome(results, out / f"{self.name}_{tag}.png", title=f"ToMe inference ({device})")
+        return [png, md]
+
+
+def _depth_tokens(model_name: str) -> tuple[int, int]:
+    """(depth, tokens incl. the class token) of a timm ViT name, without building it."""
+    import timm
+
+    with torch.device("meta"):
+        m = timm.create_model(model_name, pretrained=False)
+    return len(m.blocks), m.patch_embed.num_patches + m.num_prefix_tokens
+
+
+def _med(r: BenchResult | None) -> float | None:
+    return None if r is None or r.timing is None else r.timing.median_ms
+
+
+def _min(r: BenchResult | None) -> float | None:
+    return None if r is None or r.timing is None else r.timing.min_ms
+
+
+def summary_markdown(results: list[BenchResult], title: str) -> str:
+    """Images/s and ratios (vs unmerged, vs tome-ref) of the model configurations; the match+merge share."""
+    lines = [f"# {title}", ""]
+    models = [r for r in results if r.params.get("part") == "model"]
+    if models:
+        lines += ["## whole model (inference)", "",
+                  "x unmerged / x tome-ref: that median over this provider's (above 1: faster); (min): the same "
+                  "with the fastest sample of each (less sensitive to other jobs on a shared machine); max abs "
+                  "diff: logits vs tome-ref.", "",
+                  "| configuration | provider | median ms | IQR ms | min ms | images/s | x unmerged | x tome-ref | "
+                  "x unmerged (min) | x tome-ref (min) | peak+ MiB | max abs diff |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for shape in dict.fromkeys(r.shape for r in models):
+            rows = [r for r in models if r.shape == shape]
+            base = {r.provider: r for r in rows}
+            t_unm, t_ref = _med(base.get("timm")), _med(base.get("tome-ref"))
+            m_unm, m_ref = _min(base.get("timm")), _min(base.get("tome-ref"))
+            for r in rows:
+                t, tm = _med(r), _min(r)
+                ips = "-" if t is None else f"{r.params['B'] / (t / 1e3):.2f}"
+                vs_u = "-" if t is None or t_unm is None else f"{t_unm / t:.2f}"
+                vs_r = "-" if t is None or t_ref is None else f"{t_ref / t:.2f}"
+                mvs_u = "-" if tm is None or m_unm is None else f"{m_unm / tm:.2f}"
+                mvs_r = "-" if tm is None or m_ref is None else f"{m_ref / tm:.2f}"
+                lines.append(
+                    f"| {shape} | {r.provider} | {'-' if t is None else f'{t:.1f}'} | "
+                    f"{'-' if r.timing is None else f'{r.timing.iqr_ms:.1f}'} | {'-' if tm is None else f'{tm:.1f}'} | "
+                    f"{ips} | {vs_u} | {vs_r} | {mvs_u} | {mvs_r} | "
+                    f"{'-' if r.peak_extra_bytes is None else f'{r.peak_extra_bytes / 2**20:.1f}'} | "
+                    f"{'-' if r.max_abs_diff is None else f'{r.max_abs_diff:.2e}'} |"
+                    + (f" error: {r.error[:80]}" if r.error else ""))
+        lines.append("")
+    merges = [r for r in results if r.params.get("part") == "merge"]
+    if merges:
+        lines += ["## match + merge share of a block (per-layer shapes)", "",
+                  "share = median of merge_tokens (matching + merge) / median of the whole ToMe block of the same "
+                  "provider.", "",
+                  "| layer | tokens | r | ref merge ms | ref block ms | ref share | mmfast merge ms | mmfast block ms "
+                  "| mmfast share | merge x ref | max abs diff |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        totals = {"rm": 0.0, "rb": 0.0, "mm": 0.0, "mb": 0.0}
+        complete = True
+        for shape in dict.fromkeys(r.shape for r in merges):
+            rows = {r.provider: r for r in merges if r.shape == shape}
+            p = next(iter(rows.values())).params
+            mm_name = next((n for n in rows if n.startswith("mmfast[") and not n.endswith(":block")), None)
+            rm, rb = _med(rows.get("tome-ref")), _med(rows.get("tome-ref:block"))
+            mm = _med(rows.get(mm_name)) if mm_name else None
+            mb = _med(rows.get(f"{mm_name}:block")) if mm_name else None
+            diff = rows[mm_name].max_abs_diff if mm_name else None
+            for k, v in (("rm", rm), ("rb", rb), ("mm", mm), ("mb", mb)):
+                if v is None:
+                    complete = False
+                else:
+                    totals[k] += v
+
+            def f(v: float | None, spec: str = ".2f") -> str:
+                return "-" if v is None else format(v, spec)
+
+            lines.append(
+                f"| {p['layer']} | {p['N']} | {p['r_eff']} | {f(rm)} | {f(rb)} | "
+                f"{f(rm / rb * 100 if rm and rb else None, '.1f')}% | {f(mm)} | {f(mb)} | "
+                f"{f(mm / mb * 100 if mm and mb else None, '.1f')}% | {f(rm / mm if rm and mm else None)} | "
+                f"{'-' if diff is None else f'{diff:.1e}'} |")
+        if complete and len(merges) > 4:
+            lines.append(
+                f"| all | | | {totals['rm']:.2f} | {totals['rb']:.2f} | {totals['rm'] / totals['rb'] * 100:.1f}% | "
+                f"{totals['mm']:.2f} | {totals['mb']:.2f} | {totals['mm'] / totals['mb'] * 100:.1f}% | "
+                f"{totals['rm'] / totals['mm']:.2f} | |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_tome(results: list[BenchResult], path: Path, title: str = "") -> Path:
+    """Images/s per model configuration and provider (left); match+merge share of the block per layer (right)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 4.8))
+    FigureCanvasAgg(fig)
+    ax_t, ax_s = fig.subplots(1, 2)
+    models = [r for r in results if r.params.get("part") == "model"]
+    shapes = list(dict.fromkeys(r.shape for r in models))
+    provs = list(dict.fromkeys(r.provider for r in models))
+    by = {(r.shape, r.provider): r for r in models}
+    width = 0.8 / max(1, len(provs))
+    for i, prov in enumerate(provs):
+        xs = [j + (i - (len(provs) - 1) / 2) * width for j in range(len(shapes))]
+        ips = []
+        for s in shapes:
+            t = _med(by.get((s, prov)))
+            ips.append(math.nan if t is None else by[(s, prov)].params["B"] / (t / 1e3))
+        ax_t.bar(xs, ips, width, label=prov)
+    ax_t.set_xticks(range(len(shapes)))
+    ax_t.set_xticklabels(shapes, rotation=20, ha="right", fontsize=7)
+    ax_t.set_ylabel("images / s")
+    merges = [r for r in results if r.params.get("part") == "merge"]
+    series: dict[str, list[tuple[int, float]]] = {}
+    for shape in dict.fromkeys(r.shape for r in merges):
+        rows = {r.provider: r for r in merges if r.shape == shape}
+        for name, r in rows.items():
+            if name.endswith(":block"):
+                continue
+            t, tb = _med(r), _med(rows.get(f"{name}:block"))
+            if t and tb:
+                series.setdefault(name, []).append((r.params["layer"], 100 * t / tb))
+    for name, pts in series.items():
+        ax_s.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax_s.set_xlabel("layer")
+    ax_s.set_ylabel("match+merge / block time (%)")
+    for ax in (ax_t, ax_s):
+        ax.grid(True, alpha=0.3)
+        if ax.lines or ax.patches:
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path

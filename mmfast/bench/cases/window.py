@@ -1,0 +1,612 @@
+"""``window``: Swin (shifted-)window attention, timm against mmfast's fused kernel, in one process.
+
+Three levels, each timed forward (``fwd``, under ``torch.no_grad``) and forward + backward
+(``fwd+bwd``: ``torch.autograd.grad`` of the output against a fixed random gradient, with respect to
+the input and every parameter, so nothing accumulates between calls); the outputs and gradients are
+compared with the baseline's (``max|diff|``):
+
+* ``block``: one timm ``SwinTransformerBlock`` (the shifted one: window 7, shift 3) on ``[B, H, W, C]``;
+* ``attn``: the attention op alone, from a fused ``qkv`` map ``[B, H, W, 3, heads, head_dim]`` (and
+  the relative position bias table) to the attention output ``[B, H, W, heads, head_dim]``: roll, pad,
+  window partition, logits + bias + shift mask, softmax, ``@ v``, reverse. The qkv and output
+  projections are not part of it, so the peak extra memory shows the ``[B * nW, heads, N, N]`` logits
+  (and their softmax, and the dense mask of the SDPA path) against the fused kernel's O(q + k + v + out);
+* ``model``: a whole ``swin_tiny_patch4_window7_224`` (random weights, eval mode: no drop path).
+
+Providers (the baseline is ``timm-eager``):
+
+* ``timm-eager``: timm's explicit path (``WindowAttention.fused_attn = False``: ``(q * scale) @ k^T
+  + bias + mask``, softmax, ``@ v``). This is what timm runs by default for Swin: its SDPA path is
+  "experimental" (``use_fused_attn(experimental=True)``, on only with ``TIMM_FUSED_ATTN=2``), so
+  ``TIMM_FUSED_ATTN`` unset, 0 or 1 all give this path. The flag is set on the modules here, so the
+  environment does not matter. At the ``attn`` level: the same steps written out in plain torch
+  (timm's partition/reverse and mask on the qkv map), in the input dtype.
+* ``timm-sdpa``: timm's SDPA path (``fused_attn = True``): ``F.scaled_dot_product_attention`` with a
+  dense ``attn_mask`` = bias ``[1, heads, N, N]`` + shift mask expanded to ``[B * nW, heads, N, N]``
+  (materialised, as timm does).
+* ``mmfast[<impl>]`` for each ``--impl`` (default ``auto``: the C++ kernel on CPU, Triton on CUDA):
+  blocks and models patched with :func:`mmfast.patch.timm.apply_window_attention` (run under
+  ``mmfast.use_backend(impl)``); the ``attn`` level calls :func:`mmfast.functional.window_attention`
+  on ``qkv.unbind(3)`` (strided views, read in place).
+* ``flex`` (``attn`` level, CUDA; ``--flex`` adds it on CPU for ``fwd`` only, FlexAttention has no
+  CPU backward): ``torch.compile`` of roll + pad + partition + ``flex_attention`` with a block mask
+  for the windows (tokens in window-major order, ``q // N == k // N``) and a ``score_mod`` adding the
+  bias ``table[rel_index][h, q % N, k % N]`` and the shift mask ``mask[q // N, q % N, k % N]``.
+
+Shapes. CPU (float32): the Swin-T stage-1 block shape (56x56 map, dim 96, 3 heads) and stage 3
+(14x14, dim 384, 12 heads), window 7, shift 3, batch 8, ``block`` and ``attn``, ``fwd`` and
+``fwd+bwd``; the whole Swin-T at batch 2 (224x224), ``fwd`` and ``fwd+bwd``. CUDA (bfloat16,
+``fwd+bwd``, ``attn`` level): the four Swin-B stages (56/28/14/7 maps, dim 128-1024, 4-32 heads,
+window 7, shift 3, none on the 7x7 stage) at batch 128, and ViTDet / DITO windows on a 64x64 token
+grid (ViT-B: 12 heads of 64, no bias, no shift mask: DITO shifts by rolling the whole grid) with
+14x14 windows (padded to 70x70) and 16x16 windows, batch 16. ``--quick``: batch 1-2 and a subset
+(< 60 s on 2 CPU cores). ``--shapes gpu`` runs the CUDA shape set on any device (with ``--quick``:
+a smoke test of the GPU code paths on CPU).
+
+After the run ``finalize`` writes ``<out>/window_<device>.png`` (time ratio vs timm-eager and peak
+extra memory per configuration) and ``<out>/window_summary_<device>.md`` (the same as a table, with
+the analytic sizes of the logits and of q + k + v + out); ``_quick`` is added to the names for
+``--quick`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mmfast.bench.cases import BenchCase, CaseUnavailable, register_case
+from mmfast.bench.cases.contrastive import selected
+from mmfast.bench.harness import BenchResult, Provider
+
+__all__ = ["WindowCase", "analytic_bytes", "flex_window_attention", "timm_style_window_attention", "window_buffers"]
+
+IMPLS = ("auto", "cpp", "reference", "triton", "cuda")
+LEVELS = ("block", "attn", "model")
+PASSES = ("fwd", "fwd+bwd")
+
+#: (map side, dim, heads) of the Swin-T / Swin-B stages at 224x224, window 7.
+SWIN_T = {"s1": (56, 96, 3), "s2": (28, 192, 6), "s3": (14, 384, 12), "s4": (7, 768, 24)}
+SWIN_B = {"s1": (56, 128, 4), "s2": (28, 256, 8), "s3": (14, 512, 16), "s4": (7, 1024, 32)}
+#: windowed-ViT shapes (ViT-B on a 64x64 token grid, 1024 px / 16): window side.
+VIT_WINDOWS = {"vitdet14": 14, "dito16": 16}
+SWIN_MODEL = "swin_tiny_patch4_window7_224"
+
+
+def _csv(kind: type, text: str | None) -> list[Any]:
+    return [kind(x) for x in str(text or "").replace(" ", "").split(",") if x]
+
+
+@contextlib.contextmanager
+def _backend(impl: str) -> Iterator[None]:
+    import mmfast
+
+    with mmfast.use_backend(impl):
+        yield
+
+
+def _randn(shape: tuple[int, ...], seed: int, device: str, dtype: torch.dtype, std: float = 1.0) -> torch.Tensor:
+    """Seeded normal tensor made on ``device`` (same values for every provider of a configuration)."""
+    dev = torch.device(device)
+    g = torch.Generator(device=dev).manual_seed(seed)
+    return (torch.randn(shape, generator=g, device=dev, dtype=torch.float32) * std).to(dtype)
+
+
+def _has_timm() -> tuple[bool, str]:
+    try:
+        import timm.models.swin_transformer  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - any failure to import is "not available"
+        return False, f"{type(exc).__name__}: {exc}"
+    return True, ""
+
+
+def _has_flex() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+# ------------------------------------------------------------------------------------------------
+# attention op baselines (plain torch, no timm needed: they run on an offline GPU box too)
+
+
+def _geometry(h: int, w: int, window: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(pad_h, pad_w, nW, N) of an ``h x w`` map cut into ``window`` windows (padding bottom/right)."""
+    wh, ww = window
+    pad_h, pad_w = (wh - h % wh) % wh, (ww - w % ww) % ww
+    return pad_h, pad_w, ((h + pad_h) // wh) * ((w + pad_w) // ww), wh * ww
+
+
+def _to_windows(qkv: torch.Tensor, window: tuple[int, int], shift: tuple[int, int]) -> torch.Tensor:
+    """timm's roll + pad + ``window_partition`` of the qkv map: ``[B, H, W, 3, h, d] -> [B, nW, N, 3, h, d]``."""
+    b, h, w = qkv.shape[:3]
+    rest = qkv.shape[3:]
+    wh, ww = window
+    if any(shift):
+        qkv = torch.roll(qkv, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    pad_h, pad_w, nw, n = _geometry(h, w, window)
+    x = qkv.reshape(b, h, w, -1)
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    hp, wp = h + pad_h, w + pad_w
+    x = x.view(b, hp // wh, wh, wp // ww, ww, x.shape[-1]).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, nw, n, *rest)
+
+
+def _from_windows(out: torch.Tensor, hw: tuple[int, int], window: tuple[int, int],
+                  shift: tuple[int, int]) -> torch.Tensor:
+    """timm's ``window_reverse`` + crop + roll back: ``[B, nW, N, h, d] -> [B, H, W, h, d]``."""
+    b, _, _, heads, hd = out.shape
+    h, w = hw
+    wh, ww = window
+    pad_h, pad_w, _, _ = _geometry(h, w, window)
+    hp, wp = h + pad_h, w + pad_w
+    x = out.reshape(b, hp // wh, wp // ww, wh, ww, heads * hd).permute(0, 1, 3, 2, 4, 5)
+    x = x.reshape(b, hp, wp, heads, hd)[:, :h, :w]
+    if any(shift):
+        x = torch.roll(x, shifts=shift, dims=(1, 2))
+    return x
+
+
+def window_buffers(hw: tuple[int, int], window: tuple[int, int], shift: tuple[int, int], dtype: torch.dtype,
+                   device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What timm keeps as buffers: ``relative_position_index`` ``[N * N]`` and ``attn_mask`` ``[nW, N, N]``."""
+    from mmfast.reference import window_attention as ref
+
+    index = ref.relative_position_index(window, device=device).view(-1)
+    mask = None
+    if any(shift):
+        pad_h, pad_w, _, _ = _geometry(*hw, window)
+        mask = ref.shift_attn_mask((hw[0] + pad_h, hw[1] + pad_w), window, shift, -100.0, dtype=dtype,
+                                   device=device)
+    return index, mask
+
+
+def timm_style_window_attention(qkv: torch.Tensor, table: torch.Tensor | None, window: tuple[int, int],
+                                shift: tuple[int, int], scale: float, sdpa: bool = False,
+                                buffers: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
+    """timm's window attention steps on a qkv map ``[B, H, W, 3, heads, hd]`` -> ``[B, H, W, heads, hd]``.
+
+    ``sdpa=False``: ``WindowAttention``'s explicit path; ``sdpa=True``: its SDPA path with the dense
+    ``attn_mask`` (bias + shift mask expanded to ``[B * nW, heads, N, N]``). Padded tokens are zeros.
+    ``buffers``: :func:`window_buffers` (made once, as timm's buffers are; computed here when None).
+    """
+    b, h, w, _, heads, hd = qkv.shape
+    index, mask = buffers if buffers is not None else window_buffers((h, w), window, shift, qkv.dtype, qkv.device)
+    win = _to_windows(qkv, window, shift)  # [B, nW, N, 3, heads, hd]
+    nw, n = win.shape[1], win.shape[2]
+    q, k, v = win.reshape(b * nw, n, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)  # [B*nW, heads, N, hd]
+    bias = None
+    if table is not None:  # timm's _get_rel_pos_bias()
+        bias = table[index].view(n, n, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+    if sdpa:
+        attn_mask = bias
+        if mask is not None:
+            full = mask.view(1, nw, 1, n, n).expand(b, -1, heads, -1, -1).reshape(-1, heads, n, n)
+            attn_mask = full if attn_mask is None else attn_mask + full
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+    else:
+        attn = (q * scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            attn = attn + bias
+        if mask is not None:
+            attn = (attn.view(-1, nw, heads, n, n) + mask.unsqueeze(1).unsqueeze(0)).view(-1, heads, n, n)
+        out = attn.softmax(dim=-1) @ v
+    out = out.transpose(1, 2).reshape(b, nw, n, heads, hd)
+    return _from_windows(out, (h, w), window, shift)
+
+
+def flex_window_attention(hw: tuple[int, int], heads: int, window: tuple[int, int], shift: tuple[int, int],
+                          scale: float, has_bias: bool, device: str) -> Callable[..., torch.Tensor]:
+    """A compiled ``fn(qkv, table) -> out`` doing the window attention with FlexAttention (module docstring)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    dev = torch.device(device)
+    _, _, nw, n = _geometry(*hw, window)
+    length = nw * n
+    block_mask = create_block_mask(lambda b, h, q, k: q // n == k // n, None, None, length, length, device=dev)
+    index, mask = window_buffers(hw, window, shift, torch.float32, dev)
+
+    def attend(qkv: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        b, _, _, _, _, hd = qkv.shape
+        win = _to_windows(qkv, window, shift)  # [B, nW, N, 3, heads, hd]
+        q, k, v = win.reshape(b, length, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)  # [B, heads, L, hd]
+
+        def score_mod(score, bb, hh, qi, ki):
+            iq, ik = qi % n, ki % n
+            if bias is not None:
+                score = score + bias[hh, iq, ik]
+            if mask is not None:
+                score = score + mask[qi // n, iq, ik]
+            return score
+
+        mod = score_mod if (bias is not None or mask is not None) else None
+        out = flex_attention(q, k, v, score_mod=mod, block_mask=block_mask, scale=scale)
+        return _from_windows(out.transpose(1, 2).reshape(b, nw, n, heads, hd), hw, window, shift)
+
+    compiled = torch.compile(attend, dynamic=False)
+
+    def run(qkv: torch.Tensor, table: torch.Tensor | None) -> torch.Tensor:
+        # the bias [heads, N, N] is gathered outside the compiled region and passed in as a graph input
+        # (Inductor's CPU FlexAttention rejects buffers computed inside the graph in the score_mod)
+        bias = table[index].view(n, n, heads).permute(2, 0, 1).contiguous() if has_bias and table is not None else None
+        return compiled(qkv, bias)
+
+    return run
+
+
+# ------------------------------------------------------------------------------------------------
+# the case
+
+
+def _shape_text(cfg: dict[str, Any]) -> str:
+    dt = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(cfg["dtype"], cfg["dtype"])
+    if cfg["level"] == "model":
+        return f"model {cfg['net']} B{cfg['B']} {cfg['img']}px {dt} {cfg['pass']}"
+    shift = f"s{cfg['shift']}" if cfg["shift"] else "s0"
+    bias = "" if cfg.get("bias", True) else " nobias"
+    return (f"{cfg['level']} {cfg['net']}.{cfg['stage']} B{cfg['B']} {cfg['H']}x{cfg['W']} C{cfg['dim']} "
+            f"h{cfg['heads']} w{cfg['window']} {shift}{bias} {dt} {cfg['pass']}")
+
+
+def analytic_bytes(cfg: dict[str, Any]) -> dict[str, int] | None:
+    """Sizes for the ``attn`` / ``block`` levels: the ``[B*nW, heads, N, N]`` logits and q + k + v + out."""
+    if cfg["level"] == "model":
+        return None
+    elt = torch.empty(0, dtype=getattr(torch, cfg["dtype"])).element_size()
+    window = (cfg["window"], cfg["window"])
+    _, _, nw, n = _geometry(cfg["H"], cfg["W"], window)
+    logits = cfg["B"] * nw * cfg["heads"] * n * n * elt
+    qkvo = 4 * cfg["B"] * cfg["H"] * cfg["W"] * cfg["dim"] * elt
+    return {"logits_bytes": logits, "qkvo_bytes": qkvo}
+
+
+@register_case
+class WindowCase(BenchCase):
+    """timm Swin window attention (eager, SDPA) vs mmfast's fused window attention."""
+
+    name = "window"
+    description = ("Swin shifted-window attention: timm eager / SDPA vs mmfast (block, op, Swin-T), "
+                   "fwd and fwd+bwd (time, peak memory)")
+    baseline = "timm-eager"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """``--shapes``, ``--levels``, ``--stages``, ``--passes``, ``--batch``, ``--model-batch``, ``--dtype``,
+        ``--impl``, ``--flex``, ``--no-plot``."""
+        parser.add_argument("--shapes", default="auto", choices=("auto", "cpu", "gpu"),
+                            help="shape set: the CPU one (Swin-T blocks, ops, model) or the GPU one (Swin-B and "
+                                 "ViTDet/DITO ops, bf16); auto: by device")
+        parser.add_argument("--levels", default=None,
+                            help=f"comma-separated levels out of {','.join(LEVELS)} (default: all on the CPU set, "
+                                 "attn on the GPU set)")
+        parser.add_argument("--stages", default=None,
+                            help="comma-separated stages: s1..s4 (Swin-T on the CPU set, Swin-B on the GPU set), "
+                                 f"{', '.join(VIT_WINDOWS)} (default s1,s3 on CPU; all on GPU)")
+        parser.add_argument("--passes", default=None, help="comma-separated: fwd, fwd+bwd (default both on CPU)")
+        parser.add_argument("--batch", type=int, default=None, help="batch of the block/attn shapes")
+        parser.add_argument("--model-batch", type=int, default=None, help="batch of the whole Swin-T (default 2)")
+        parser.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (GPU default), float16")
+        parser.add_argument("--impl", default="auto",
+                            help=f"comma-separated mmfast impl= values, one provider each ({', '.join(IMPLS)})")
+        parser.add_argument("--flex", action="store_true",
+                            help="add the FlexAttention provider on CPU too (fwd only; it is on by default on CUDA)")
+        parser.add_argument("--no-plot", action="store_true", help="do not write the PNG and the summary")
+
+    # ------------------------------------------------------------------------------------------ checks
+    def _gpu_set(self, device: str, opts: argparse.Namespace) -> bool:
+        if opts.shapes == "auto":
+            return torch.device(device).type == "cuda"
+        return opts.shapes == "gpu"
+
+    def check(self, opts: argparse.Namespace) -> list[str]:
+        """Fail clearly without mmfast's window attention or (for blocks and models) timm; note skipped parts."""
+        notes: list[str] = []
+        for impl in _csv(str, opts.impl):
+            if impl not in IMPLS:
+                raise CaseUnavailable(f"--impl {impl!r}: expected one of {', '.join(IMPLS)}")
+        try:
+            from mmfast.functional import window_attention  # noqa: F401
+        except Exception as exc:  # noqa: BLE001
+            raise CaseUnavailable(f"mmfast.functional.window_attention is not available: {exc}") from exc
+        levels = _csv(str, opts.levels)
+        for lv in levels:
+            if lv not in LEVELS:
+                raise CaseUnavailable(f"--levels {lv!r}: expected some of {', '.join(LEVELS)}")
+        for p in _csv(str, opts.passes):
+            if p not in PASSES:
+                raise CaseUnavailable(f"--passes {p!r}: expected some of {', '.join(PASSES)}")
+        ok, why = _has_timm()
+        if not ok:
+            if set(levels) - {"attn"}:
+                raise CaseUnavailable(f"the block and model levels need timm ({why}); use --levels attn")
+            notes.append(f"note: timm is not available ({why}): only the attention op level can run.")
+        cuda = torch.cuda.is_available()
+        if opts.shapes == "auto" and not cuda:
+            notes.append("note: no CUDA device: the GPU shapes (bf16 fwd+bwd Swin-B stages at batch 128, ViTDet/DITO "
+                         "14x14 and 16x16 windows, FlexAttention) are skipped; running the CPU set.")
+        if (cuda or opts.flex) and not _has_flex():
+            notes.append(f"note: torch {torch.__version__} has no FlexAttention: no flex provider.")
+        return notes
+
+    # ------------------------------------------------------------------------------------------ shapes
+    def configs(self, device: str, quick: bool, opts: argparse.Namespace) -> list[dict[str, Any]]:
+        """The CPU or GPU shape set (module docstring)."""
+        gpu = self._gpu_set(device, opts)
+        dtype = opts.dtype or ("bfloat16" if gpu else "float32")
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise CaseUnavailable(f"--dtype {dtype!r} is not a torch dtype")
+        levels = _csv(str, opts.levels) or (["attn"] if gpu else list(LEVELS))
+        if not _has_timm()[0]:
+            levels = [lv for lv in levels if lv == "attn"]
+        passes = _csv(str, opts.passes) or (["fwd+bwd"] if gpu else list(PASSES))
+        cfgs: list[dict[str, Any]] = []
+        if gpu:
+            stages = _csv(str, opts.stages) or (["s1", "vitdet14"] if quick else [*SWIN_B, *VIT_WINDOWS])
+            batch = opts.batch or (8 if quick else 128)
+            vit_batch = opts.batch or (2 if quick else 16)
+            table = SWIN_B
+        else:
+            stages = _csv(str, opts.stages) or ["s1", "s3"]
+            batch = opts.batch or (1 if quick else 8)
+            vit_batch = opts.batch or 1
+            table = SWIN_T
+        for st in stages:
+            if st not in table and st not in VIT_WINDOWS:
+                raise CaseUnavailable(f"--stages {st!r}: expected some of {', '.join([*table, *VIT_WINDOWS])}")
+        for level in [lv for lv in LEVELS if lv in levels and lv != "model"]:
+            for st in stages:
+                if st in VIT_WINDOWS:
+                    if level != "attn":
+                        continue
+                    cfg = {"level": level, "net": "vit-b", "stage": st, "B": vit_batch, "H": 64, "W": 64,
+                           "dim": 768, "heads": 12, "window": VIT_WINDOWS[st], "shift": 0, "bias": False}
+                else:
+                    side, dim, heads = table[st]
+                    from mmfast.reference.window_attention import effective_window
+
+                    window, shift = effective_window((side, side), 7, 3)
+                    cfg = {"level": level, "net": "swin-b" if gpu else "swin-t", "stage": st, "B": batch,
+                           "H": side, "W": side, "dim": dim, "heads": heads, "window": window[0],
+                           "shift": shift[0], "bias": True}
+                for p in passes:
+                    if quick and not gpu and (level, st, p) not in {("block", "s1", "fwd+bwd"),
+                                                                    ("attn", "s1", "fwd"),
+                                                                    ("attn", "s3", "fwd+bwd")}:
+                        continue
+                    cfgs.append({**cfg, "dtype": dtype, "pass": p})
+        if "model" in levels and not gpu:
+            mb = opts.model_batch or (1 if quick else 2)
+            for p in (["fwd"] if quick else passes):
+                cfgs.append({"level": "model", "net": SWIN_MODEL, "B": mb, "img": 224, "dtype": dtype, "pass": p})
+        return cfgs
+
+    def shape(self, cfg: dict[str, Any]) -> str:
+        """``attn swin-t.s1 B8 56x56 C96 h3 w7 s3 fp32 fwd+bwd``."""
+        return _shape_text(cfg)
+
+    # --------------------------------------------------------------------------------------- providers
+    def providers(self, cfg: dict[str, Any], device: str, opts: argparse.Namespace) -> list[Provider]:
+        """``timm-eager`` (baseline), ``timm-sdpa``, one ``mmfast[<impl>]`` per ``--impl``, ``flex``; filtered."""
+        wanted = getattr(opts, "providers", None)
+        level = cfg["level"]
+        make = {"block": self._block_setup, "attn": self._attn_setup, "model": self._model_setup}[level]
+        out: list[Provider] = []
+        for name, desc in (("timm-eager", "timm WindowAttention, fused_attn=False (timm's default for Swin)"),
+                           ("timm-sdpa", "timm WindowAttention, fused_attn=True (SDPA, dense bias+mask)")):
+            if selected(name, wanted):
+                out.append(Provider(name, make(cfg, device, name), desc))
+        for impl in _csv(str, opts.impl):
+            name = f"mmfast[{impl}]"
+            if selected(name, wanted):
+                out.append(Provider(name, make(cfg, device, name, impl), f"mmfast window attention, impl={impl!r}"))
+        cuda = torch.device(device).type == "cuda"
+        if (level == "attn" and selected("flex", wanted) and _has_flex()
+                and (cuda or (opts.flex and cfg["pass"] == "fwd"))):
+            out.append(Provider("flex", make(cfg, device, "flex"), "torch.compile(flex_attention), block mask"))
+        return out
+
+    # -- one block
+    def _block_setup(self, cfg: dict[str, Any], device: str, name: str, impl: str = "auto") -> Callable[[], Any]:
+        def setup() -> Callable[[], Any]:
+            from timm.models.swin_transformer import SwinTransformerBlock
+
+            from mmfast.patch.timm import apply_window_attention
+
+            dtype = getattr(torch, cfg["dtype"])
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                blk = SwinTransformerBlock(cfg["dim"], (cfg["H"], cfg["W"]), num_heads=cfg["heads"],
+                                           window_size=7, shift_size=3)
+                # a non-trivial bias table (timm's init is trunc_normal(std=.02))
+                torch.nn.init.normal_(blk.attn.relative_position_bias_table, std=0.5)
+            blk = blk.to(device=device, dtype=dtype).eval()
+            if name.startswith("mmfast"):
+                apply_window_attention(blk)
+            else:
+                blk.attn.fused_attn = name == "timm-sdpa"
+            x = _randn((cfg["B"], cfg["H"], cfg["W"], cfg["dim"]), 1, device, dtype)
+            return _runner(blk, x, cfg["pass"], impl, device)
+
+        return setup
+
+    # -- the whole model
+    def _model_setup(self, cfg: dict[str, Any], device: str, name: str, impl: str = "auto") -> Callable[[], Any]:
+        def setup() -> Callable[[], Any]:
+            import timm
+            from timm.models.swin_transformer import WindowAttention
+
+            from mmfast.patch.timm import apply_window_attention
+
+            dtype = getattr(torch, cfg["dtype"])
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = timm.create_model(cfg["net"], pretrained=False)
+            model = model.to(device=device, dtype=dtype).eval()
+            if name.startswith("mmfast"):
+                apply_window_attention(model)
+            else:
+                for m in model.modules():
+                    if isinstance(m, WindowAttention):
+                        m.fused_attn = name == "timm-sdpa"
+            x = _randn((cfg["B"], 3, cfg["img"], cfg["img"]), 2, device, dtype)
+            return _runner(model, x, cfg["pass"], impl, device)
+
+        return setup
+
+    # -- the attention op alone
+    def _attn_setup(self, cfg: dict[str, Any], device: str, name: str, impl: str = "auto") -> Callable[[], Any]:
+        def setup() -> Callable[[], Any]:
+            import mmfast.functional as MF
+
+            dtype = getattr(torch, cfg["dtype"])
+            heads, hd = cfg["heads"], cfg["dim"] // cfg["heads"]
+            window, shift = (cfg["window"], cfg["window"]), (cfg["shift"], cfg["shift"])
+            hw = (cfg["H"], cfg["W"])
+            scale = hd**-0.5
+            qkv = _randn((cfg["B"], cfg["H"], cfg["W"], 3, heads, hd), 3, device, dtype)
+            table = None
+            if cfg.get("bias", True):
+                table = _randn(((2 * window[0] - 1) * (2 * window[1] - 1), heads), 4, device, dtype, std=0.5)
+            if name in ("timm-eager", "timm-sdpa"):
+                sdpa = name == "timm-sdpa"
+                buffers = window_buffers(hw, window, shift, dtype, device)
+
+                def fn(qkv: torch.Tensor, table: torch.Tensor | None) -> torch.Tensor:
+                    return timm_style_window_attention(qkv, table, window, shift, scale, sdpa=sdpa, buffers=buffers)
+            elif name == "flex":
+                fn = flex_window_attention(hw, heads, window, shift, scale, table is not None, device)
+            else:
+
+                def fn(qkv: torch.Tensor, table: torch.Tensor | None) -> torch.Tensor:
+                    q, k, v = qkv.unbind(3)
+                    return MF.window_attention(q, k, v, window_size=window, shift_size=shift, rel_pos_bias=table,
+                                               scale=scale, impl=impl)
+
+            if cfg["pass"] == "fwd":
+
+                def run_fwd() -> torch.Tensor:
+                    with torch.no_grad():
+                        return fn(qkv, table)
+
+                return run_fwd
+            leaves = [t.requires_grad_() for t in (qkv, table) if t is not None]
+            gout = _randn((cfg["B"], cfg["H"], cfg["W"], heads, hd), 5, device, dtype)
+
+            def run_fwd_bwd() -> tuple[torch.Tensor, ...]:
+                out = fn(qkv, table)
+                grads = torch.autograd.grad(out, leaves, gout)
+                return (out.detach(), *grads)
+
+            return run_fwd_bwd
+
+        return setup
+
+    # ------------------------------------------------------------------------------------------ outputs
+    def finalize(self, results: list[BenchResult], out_dir: Path, opts: argparse.Namespace) -> list[Path]:
+        """The PNG (ratio and peak memory per configuration) and the markdown summary, unless ``--no-plot``."""
+        if getattr(opts, "no_plot", False) or not results:
+            return []
+        device = torch.device(results[0].device).type
+        tag = f"{device}{'_quick' if getattr(opts, 'quick', False) else ''}"
+        out = Path(out_dir)
+        md = out / f"{self.name}_summary_{tag}.md"
+        md.parent.mkdir(parents=True, exist_ok=True)
+        md.write_text(summary_markdown(results, f"window attention on {device}"))
+        png = plot_ratio_memory(results, out / f"{self.name}_{tag}.png",
+                                title=f"window attention vs timm-eager ({device})")
+        return [png, md]
+
+
+def _runner(module: torch.nn.Module, x: torch.Tensor, pass_: str, impl: str, device: str) -> Callable[[], Any]:
+    """The timed callable of a block or model: forward under no_grad, or forward + ``autograd.grad``."""
+    if pass_ == "fwd":
+
+        def run_fwd() -> torch.Tensor:
+            with torch.no_grad(), _backend(impl):
+                return module(x)
+
+        return run_fwd
+    x.requires_grad_()
+    leaves = [x, *module.parameters()]
+    with torch.no_grad(), _backend(impl):
+        shape = module(x).shape
+    gout = _randn(tuple(shape), 6, device, x.dtype)
+
+    def run_fwd_bwd() -> tuple[torch.Tensor, ...]:
+        with _backend(impl):
+            out = module(x)
+            grads = torch.autograd.grad(out, leaves, gout)
+        return (out.detach(), *grads)
+
+    return run_fwd_bwd
+
+
+def _mb(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f}"
+
+
+def summary_markdown(results: list[BenchResult], title: str) -> str:
+    """One markdown table: configuration, provider, median ms, ratio vs baseline, peak extra MiB, max|diff|."""
+    lines = [f"# {title}", "", "ratio = baseline median / provider median (above 1: faster than the baseline); "
+             "ratio (min) = the same with the fastest sample of each (less sensitive to other jobs on a shared "
+             "machine); peak+ = peak extra memory of one call (MiB); logits = the [B*nW, heads, N, N] attention "
+             "logits of one call; q+k+v+out = the four [B, H, W, C] maps.", "",
+             "| configuration | provider | median ms | IQR ms | min ms | ratio | ratio (min) | peak+ MiB | "
+             "max abs diff | logits MiB | q+k+v+out MiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    base_min = {r.shape: r.timing.min_ms for r in results if r.provider == r.baseline and r.timing is not None}
+    for r in results:
+        t = r.timing
+        sizes = analytic_bytes(r.params) or {}
+        rmin = base_min[r.shape] / t.min_ms if t is not None and r.shape in base_min and t.min_ms > 0 else None
+        lines.append(
+            f"| {r.shape} | {r.provider}{' (base)' if r.provider == r.baseline else ''} | "
+            f"{'-' if t is None else f'{t.median_ms:.2f}'} | {'-' if t is None else f'{t.iqr_ms:.2f}'} | "
+            f"{'-' if t is None else f'{t.min_ms:.2f}'} | "
+            f"{'-' if r.ratio is None else f'{r.ratio:.2f}'} | {'-' if rmin is None else f'{rmin:.2f}'} | "
+            f"{_mb(r.peak_extra_bytes)} | "
+            f"{'-' if r.max_abs_diff is None else f'{r.max_abs_diff:.1e}'} | {_mb(sizes.get('logits_bytes'))} | "
+            f"{_mb(sizes.get('qkvo_bytes'))} |" + (f" error: {r.error[:80]}" if r.error else ""))
+    return "\n".join(lines) + "\n"
+
+
+def plot_ratio_memory(results: list[BenchResult], path: Path, title: str = "") -> Path:
+    """Grouped bars per configuration: time ratio vs the baseline (left) and peak extra memory (right, log)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    shapes = list(dict.fromkeys(r.shape for r in results))
+    providers = list(dict.fromkeys(r.provider for r in results))
+    by = {(r.shape, r.provider): r for r in results}
+    fig = Figure(figsize=(max(9.0, 1.1 * len(shapes) + 4), 8.5))
+    FigureCanvasAgg(fig)
+    ax_r, ax_m = fig.subplots(2, 1, sharex=True)
+    width = 0.8 / max(1, len(providers))
+    for i, prov in enumerate(providers):
+        xs = [j + (i - (len(providers) - 1) / 2) * width for j in range(len(shapes))]
+        ratio = [by[(s, prov)].ratio if (s, prov) in by and by[(s, prov)].ratio else math.nan for s in shapes]
+        mem = [by[(s, prov)].peak_extra_bytes / 2**20 if (s, prov) in by and by[(s, prov)].peak_extra_bytes
+               else math.nan for s in shapes]
+        ax_r.bar(xs, ratio, width, label=prov)
+        ax_m.bar(xs, mem, width, label=prov)
+    ax_r.axhline(1.0, color="k", lw=0.8)
+    ax_r.set_ylabel("x vs baseline (time, >1 faster)")
+    ax_m.set_ylabel("peak extra memory (MiB)")
+    ax_m.set_yscale("log")
+    ax_m.set_xticks(range(len(shapes)))
+    ax_m.set_xticklabels(shapes, rotation=30, ha="right", fontsize=7)
+    for ax in (ax_r, ax_m):
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path

@@ -46,7 +46,7 @@ so this is a reading of its code, not a measurement.
 Shapes. CPU (float32): ``vit_base_patch16_224``, batch 8, ``r = 16`` (197 tokens -> 11 after 12
 layers); the merge share at all 12 layers. CUDA (float16): ``vit_base_patch16_224`` (``r = 16``) and
 ``vit_large_patch14_clip_224`` (``r = 8``, 257 tokens, 24 layers) at batch 256, 8 and 1; the merge
-share of ViT-B at batch 256, layers 1, 6 and 12. ``--quick``: ViT-B at batch 2, merge share at
+share of ViT-B at batch 256, layers 1, 6 and 12. ``--quick``: ViT-B at batch 1, merge share at
 layer 1 only (< 60 s on 2 CPU cores). ``--shapes gpu`` runs the CUDA set on any device.
 
 ``finalize`` writes ``<out>/tome_<device>.png`` (images/s of the model configurations, merge share per
@@ -189,7 +189,7 @@ class ToMeCase(BenchCase):
             batches = _csv(int, opts.batch) or ([64, 1] if quick else [256, 8, 1])
         else:
             models = _csv(str, opts.models) or ["vit_base_patch16_224"]
-            batches = _csv(int, opts.batch) or ([2] if quick else [8])
+            batches = _csv(int, opts.batch) or ([1] if quick else [8])
         cfgs: list[dict[str, Any]] = []
         if "model" in parts:
             for m in models:

@@ -80,3 +80,20 @@ def test_triton_package_is_inside_the_namespace(tmp_path):
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr
     res = _run("import kernels", cwd=str(tmp_path))
     assert res.returncode != 0  # never a top-level `kernels` package
+
+
+def test_pure_python_wheel_carries_the_triton_package(tmp_path):
+    # MMFAST_NO_EXT=1: no compiled extension, but mmfast.triton (the top-level kernels/ folder) is in.
+    import glob
+    import zipfile
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                          str(tmp_path), repo], env=dict(os.environ, MMFAST_NO_EXT="1"), capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (whl,) = glob.glob(str(tmp_path / "mmfast-*.whl"))
+    names = zipfile.ZipFile(whl).namelist()
+    assert {"mmfast/triton/__init__.py", "mmfast/triton/contrastive.py", "mmfast/triton/window_attention.py",
+            "mmfast/triton/tome.py"} <= set(names)
+    assert not any(n.endswith(".so") for n in names) and not any(n.startswith("kernels/") for n in names)

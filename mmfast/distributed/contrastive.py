@@ -147,16 +147,14 @@ def _merge_lse(lse_a: Tensor, el_a: Tensor, lse_b: Tensor, el_b: Tensor) -> tupl
     return lse, wa * el_a + wb * el_b
 
 
-def _reduce_text_grads(partial: Tensor, sizes: list[int], layout: GroupLayout, own_cols: Tensor,
-                       own_partial_fn) -> Tensor:
+def _reduce_text_grads(partial: Tensor, sizes: list[int], layout: GroupLayout, own_partial_fn) -> Tensor:
     """Sum text-gradient partials [N, D] of every rank into the owner's [B_r, D].
 
     ``partial`` holds this rank's partials for every column except its column block's (zeros there),
-    which ``own_partial_fn()`` computes ([len(own_cols), D]) while the group reduce-scatter runs.
+    which ``own_partial_fn()`` computes ([column-block rows, D]) while the group reduce-scatter runs.
     """
     g, k, bmax = layout.group_size, layout.num_groups, max(sizes)
     d = partial.shape[1]
-    offs = _offsets(sizes)
     ranks = column_ranks(layout)
 
     def padded_blocks(rows: Tensor, order: list[int]) -> Tensor:
@@ -183,7 +181,6 @@ def _reduce_text_grads(partial: Tensor, sizes: list[int], layout: GroupLayout, o
         dist.reduce_scatter_tensor(mine, own.contiguous(), group=layout.column)
     else:
         mine = own
-    del offs
     return mine[: sizes[layout.rank]]
 
 
@@ -286,7 +283,7 @@ class _ClipDistFn(torch.autograd.Function):
         if other_cols.numel():
             partial.index_copy_(0, other_cols, grads(other_cols))
         # the column block's tiles run while the group reduce-scatter is in flight
-        d_text = _reduce_text_grads(partial, sizes, layout, own_cols, lambda: grads(own_cols)).to(dt)
+        d_text = _reduce_text_grads(partial, sizes, layout, lambda: grads(own_cols)).to(dt)
         # Positive pairs (i, offs[r] + i) are on this rank: -l_ii in the row and the column terms.
         mine = slice(offs[r], offs[r] + b_r)
         s = scale.to(dt).reshape(())
@@ -340,7 +337,7 @@ class _SigLipDistFn(torch.autograd.Function):
 
         if other_cols.numel():
             partial.index_copy_(0, other_cols, run(other_cols))
-        d_text = _reduce_text_grads(partial, sizes, layout, own_cols, lambda: run(own_cols)).to(dt)
+        d_text = _reduce_text_grads(partial, sizes, layout, lambda: run(own_cols)).to(dt)
         mine = slice(offs[r], offs[r] + b_r)
         s = scale.to(dt).reshape(())
         text_l, image_l = texts[mine].to(dt), image.to(dt)

@@ -495,3 +495,116 @@ def test_cpp_matching_and_merge_issue_grid(b, n, c, class_token, distill_token):
         xg, sg = torch.ops.mmfast.tome_merge_wavg(x, None, *got)
         assert torch.equal(sg, sw)
         assert torch.allclose(xg, xw, rtol=0, atol=4 * torch.finfo(torch.float32).eps * xw.abs().max().item())
+
+
+# ------------------------------------------------------------------------------------------------
+# proportional attention (C++ inference kernel) vs the explicit torch path
+
+HAS_ATTN = HAS_CPP and hasattr(torch.ops.mmfast, "tome_attention")
+needs_attn = pytest.mark.skipif(not HAS_ATTN, reason="mmfast._C without tome_attention")
+ATTN_SHAPES = [(1, 1, 1, 8), (1, 5, 2, 20), (2, 17, 3, 8), (2, 33, 4, 80), (3, 197, 12, 64), (1, 50, 6, 96)]
+
+
+def _attn_ref(qkv, log_size, heads, scale):
+    from mmfast.ops.tome import _attn_reference
+
+    return _attn_reference(qkv, log_size, heads, scale)
+
+
+def _attn_inputs(b, n, h, d, dtype, amp=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qkv = (torch.randn(b, n, 3 * h * d, generator=g) * amp).to(dtype)
+    sizes = torch.randint(1, 9, (b, n), generator=g).float()
+    return qkv, sizes.log().to(dtype)
+
+
+@needs_attn
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", ATTN_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cpp_proportional_attention_accuracy(shape, dtype, bias):
+    # STYLE.md's rule: within 2x the error of plain PyTorch in the same dtype, against float64
+    # (the kernel computes in float32 for every non-float64 input).
+    b, n, h, d = shape
+    qkv, ls = _attn_inputs(b, n, h, d, dtype)
+    ls = ls if bias else None
+    scale = d ** -0.5
+    with torch.no_grad():
+        got = torch.ops.mmfast.tome_attention(qkv, ls, h, scale)
+        low = _attn_ref(qkv, ls, h, scale)
+        high = _attn_ref(qkv.double(), None if ls is None else ls.double(), h, scale)
+    assert got.dtype == dtype and got.shape == (b, n, h * d)
+    assert_accuracy(got, low, high.to(torch.float32) if dtype != torch.float32 else high,
+                    name=f"tome_attention {shape} {dtype} bias={bias}")
+
+
+@needs_attn
+@pytest.mark.parametrize("shape", ATTN_SHAPES[:5])
+def test_cpp_proportional_attention_fp64_and_large_logits(shape):
+    b, n, h, d = shape
+    qkv, ls = _attn_inputs(b, n, h, d, torch.float64, amp=6.0, seed=3)  # logits up to ~1e3: softmax must be stable
+    got = torch.ops.mmfast.tome_attention(qkv, ls, h, 0.7)
+    torch.testing.assert_close(got, _attn_ref(qkv, ls, h, 0.7), rtol=1e-12, atol=1e-12)
+    qkv32 = qkv.float()
+    got32 = torch.ops.mmfast.tome_attention(qkv32, ls.float(), h, 0.7)
+    assert torch.isfinite(got32).all()
+    assert_accuracy(got32, _attn_ref(qkv32, ls.float(), h, 0.7), _attn_ref(qkv, ls, h, 0.7), name="large logits")
+
+
+@needs_attn
+def test_cpp_proportional_attention_strided_and_batch_independent():
+    qkv, ls = _attn_inputs(4, 29, 3, 16, torch.float32)
+    wide = torch.cat([qkv, torch.randn(4, 29, 5)], dim=2)[:, :, : qkv.shape[2]]  # row stride != 3C
+    assert not wide.is_contiguous()
+    full = torch.ops.mmfast.tome_attention(qkv, ls, 3, 0.25)
+    assert torch.equal(torch.ops.mmfast.tome_attention(wide, ls, 3, 0.25), full)
+    for i in range(4):
+        one = torch.ops.mmfast.tome_attention(qkv[i:i + 1], ls[i:i + 1], 3, 0.25)
+        assert torch.equal(one, full[i:i + 1]), "per-item results must not depend on the batch"
+
+
+@needs_attn
+def test_proportional_attention_dispatch_and_grad_fallback():
+    from mmfast.ops import tome as mt
+
+    qkv, ls = _attn_inputs(2, 11, 2, 8, torch.float32)
+    with torch.no_grad():
+        assert mt.ATTENTION.select(qkv.device, None, qkv, ls, 2) == "cpp"
+        assert torch.equal(mt.proportional_attention(qkv, ls, 2), torch.ops.mmfast.tome_attention(qkv, ls, 2, 8 ** -0.5))
+    leaf = qkv.clone().requires_grad_()
+    # auto: the kernel has no backward, so a differentiable call takes the torch path (gradients flow)
+    out = mt.proportional_attention(leaf, ls, 2)
+    assert out.requires_grad
+    out.square().sum().backward()
+    want = qkv.clone().requires_grad_()
+    _attn_ref(want, ls, 2, 8 ** -0.5).square().sum().backward()
+    torch.testing.assert_close(leaf.grad, want.grad)
+    with pytest.raises(RuntimeError, match="no backward"):
+        mt.proportional_attention(leaf, ls, 2, impl="cpp")
+
+
+@needs_attn
+def test_proportional_attention_bad_inputs():
+    from mmfast.ops import tome as mt
+
+    qkv, ls = _attn_inputs(2, 11, 2, 8, torch.float32)
+    with pytest.raises(ValueError, match="qkv must be"):
+        mt.proportional_attention(qkv[0], None, 2)
+    with pytest.raises(ValueError, match="num_heads"):
+        mt.proportional_attention(qkv, None, 5)
+    with pytest.raises(ValueError, match="log_size must be"):
+        mt.proportional_attention(qkv, ls[:, :5], 2)
+    with pytest.raises(RuntimeError, match="log_size must be"):
+        torch.ops.mmfast.tome_attention(qkv, ls[:1], 2, 1.0)
+    with pytest.raises(RuntimeError, match="num_heads"):
+        torch.ops.mmfast.tome_attention(qkv, None, 0, 1.0)
+    with pytest.raises(RuntimeError, match="float32, float64"):
+        torch.ops.mmfast.tome_attention(qkv.to(torch.int32), None, 2, 1.0)
+
+
+@needs_attn
+def test_cpp_tome_attention_opcheck():
+    qkv, ls = _attn_inputs(2, 9, 2, 8, torch.float32)
+    for args in [(qkv, ls, 2, 0.3), (qkv, None, 2, 0.3)]:
+        torch.library.opcheck(torch.ops.mmfast.tome_attention.default, args,
+                              test_utils=("test_schema", "test_faketensor"))

@@ -543,3 +543,35 @@ def test_token_merger():
         TokenMerger(-1)
     with pytest.raises(ValueError, match="metric"):
         tm(x, torch.randn(2, 20, 6))
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.mmfast, "tome_attention"), reason="mmfast._C without tome_attention")
+@pytest.mark.parametrize("fused", [True, False])
+def test_cpu_inference_uses_the_fused_attention_kernel(monkeypatch, fused):
+    """Under no_grad on CPU every merging block's attention is the C++ kernel (whatever timm's
+    fused_attn says), equal to the reference patch; with gradients it is never used."""
+    from mmfast.ops import tome as mt
+
+    calls = []
+    real = mt.ATTENTION.impls["cpp"]
+
+    def counting(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setitem(mt.ATTENTION.impls, "cpp", counting)
+    model = tiny_vit(depth=4)
+    for blk in model.blocks:
+        blk.attn.fused_attn = fused
+    img = torch.randn(3, 3, 32, 32)
+    tome.apply_patch(model, r=6, trace_source=True)
+    with torch.no_grad():
+        got, state = model(img), model.forward_features_tome(img)[1]
+    assert len(calls) == 2 * 4, "one kernel call per merging block and forward"
+    with torch.no_grad():
+        want, want_size, want_src = ref_timm_forward(model, img, [6] * 4)
+    assert torch.equal(state.source, want_src) and torch.equal(state.size, want_size)
+    assert_close(got, want, 1e-5, "fused attention vs reference patch")
+    calls.clear()
+    model(img).sum().backward()  # gradients wanted: the differentiable path
+    assert not calls

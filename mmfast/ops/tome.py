@@ -5,6 +5,11 @@ matching (``unm_idx``, ``src_idx``, ``dst_idx``), so that :func:`merge_wavg` can
 kernel (one read and one write of x, fp32 accumulation, deterministic segmented sums) instead of
 ToMe's chain of gathers, scatter_reduce and divides. Any other use of ``merge(x, mode)`` runs the
 reference gather/scatter path with the same indices, so the semantics are ToMe's in every case.
+
+``proportional_attention`` is ToMe's attention with the ``log(size)`` key bias computed straight
+from the fused qkv projection output; on CPU, when no gradient is needed, it runs one C++ kernel
+(``mmfast::tome_attention``: no q/k/v copies, no materialised bias, output in the projection's
+layout). Everywhere else (CUDA, training) the patches keep SDPA with an additive mask.
 """
 
 from __future__ import annotations
@@ -86,6 +91,12 @@ def _register_fakes() -> None:
             metric.new_empty(b, r_eff, **idx)
 
 
+    @torch.library.register_fake("mmfast::tome_attention")
+    def _(qkv, log_size, num_heads, scale):
+        b, n, c3 = qkv.shape
+        return qkv.new_empty(b, n, c3 // 3)
+
+
 _register_fakes()
 
 MATCH = register(OpSpec("tome_match", impls={"cpp": _match_cpp, "triton": _match_triton,
@@ -94,6 +105,61 @@ MATCH = register(OpSpec("tome_match", impls={"cpp": _match_cpp, "triton": _match
 MERGE = register(OpSpec("tome_merge_wavg", impls={"cpp": _merge_cpp, "triton": _merge_triton, "reference": None},
                         checks={"cpp": _cpp_checks, "triton": _triton_checks}))
 _MERGE_BWD = {"cpp": _merge_bwd_cpp, "triton": _merge_bwd_triton}
+
+
+def _attn_cpp_checks(qkv: Tensor, log_size: Tensor | None, num_heads: int) -> list[str]:
+    reasons = _cpp_checks(qkv)
+    if not _has("tome_attention"):
+        reasons.append("this build of mmfast._C has no tome_attention kernel")
+    if torch.is_grad_enabled() and (qkv.requires_grad or (log_size is not None and log_size.requires_grad)):
+        reasons.append("the fused kernel has no backward (inference only) and these inputs require grad")
+    return reasons
+
+
+def _attn_reference(qkv: Tensor, log_size: Tensor | None, num_heads: int, scale: float) -> Tensor:
+    b, n, c3 = qkv.shape
+    q, k, v = qkv.reshape(b, n, 3, num_heads, c3 // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    logits = (q * scale) @ k.transpose(-2, -1)
+    if log_size is not None:
+        logits = logits + log_size[:, None, None, :].to(logits.dtype)
+    return (logits.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, c3 // 3)
+
+
+def _attn_cpp(qkv: Tensor, log_size: Tensor | None, num_heads: int, scale: float) -> Tensor:
+    return torch.ops.mmfast.tome_attention(qkv, log_size, num_heads, scale)
+
+
+ATTENTION = register(OpSpec("tome_attention", impls={"cpp": _attn_cpp, "reference": _attn_reference},
+                            checks={"cpp": _attn_cpp_checks}))
+
+
+def proportional_attention(qkv: Tensor, log_size: Tensor | None, num_heads: int, scale: float | None = None,
+                           impl: str | None = None) -> Tensor:
+    """ToMe's proportional attention from a fused qkv projection output.
+
+    Args:
+        qkv: ``[B, N, 3 * C]``, the last dim laid out ``[3, num_heads, head_dim]`` (timm's and
+            open_clip's ``qkv`` linear output).
+        log_size: ``[B, N]`` key bias (``log`` of the token sizes) or ``None``.
+        num_heads: heads; ``C`` must be divisible by it.
+        scale: logit scale, default ``head_dim ** -0.5``.
+        impl: backend (``cpp``: inference only, CPU; ``reference``: differentiable torch).
+
+    Returns:
+        ``[B, N, C]``: ``softmax((q * scale) @ k^T + log_size) @ v`` with the heads concatenated.
+    """
+    if qkv.dim() != 3:
+        raise ValueError(f"qkv must be [B, N, 3 * C], got shape {tuple(qkv.shape)}")
+    if num_heads <= 0 or qkv.shape[2] % (3 * num_heads):
+        raise ValueError(f"qkv's last dim ({qkv.shape[2]}) must be 3 * num_heads * head_dim, num_heads={num_heads}")
+    if log_size is not None and (log_size.dim() != 2 or tuple(log_size.shape) != tuple(qkv.shape[:2])):
+        raise ValueError(f"log_size must be [B, N] = {list(qkv.shape[:2])}, got {tuple(log_size.shape)}")
+    scale = float(scale) if scale is not None else (qkv.shape[2] // (3 * num_heads)) ** -0.5
+    needs_grad = torch.is_grad_enabled() and (qkv.requires_grad or (log_size is not None and log_size.requires_grad))
+    if needs_grad and impl in (None, "auto"):
+        return _attn_reference(qkv, log_size, num_heads, scale)  # the differentiable path, by design
+    backend = ATTENTION.select(qkv.device, impl, qkv, log_size, num_heads)
+    return ATTENTION.impls[backend](qkv, log_size, num_heads, scale)
 
 
 class Merge:

@@ -570,7 +570,8 @@ def test_proportional_attention_dispatch_and_grad_fallback():
     qkv, ls = _attn_inputs(2, 11, 2, 8, torch.float32)
     with torch.no_grad():
         assert mt.ATTENTION.select(qkv.device, None, qkv, ls, 2) == "cpp"
-        assert torch.equal(mt.proportional_attention(qkv, ls, 2), torch.ops.mmfast.tome_attention(qkv, ls, 2, 8 ** -0.5))
+        want = torch.ops.mmfast.tome_attention(qkv, ls, 2, 8 ** -0.5)
+        assert torch.equal(mt.proportional_attention(qkv, ls, 2), want)
     leaf = qkv.clone().requires_grad_()
     # auto: the kernel has no backward, so a differentiable call takes the torch path (gradients flow)
     out = mt.proportional_attention(leaf, ls, 2)

@@ -575,3 +575,26 @@ def test_cpu_inference_uses_the_fused_attention_kernel(monkeypatch, fused):
     calls.clear()
     model(img).sum().backward()  # gradients wanted: the differentiable path
     assert not calls
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.mmfast, "tome_attention"), reason="mmfast._C without tome_attention")
+def test_open_clip_cpu_inference_uses_the_fused_attention_kernel(monkeypatch):
+    from mmfast.ops import tome as mt
+
+    calls = []
+    real = mt.ATTENTION.impls["cpp"]
+    monkeypatch.setitem(mt.ATTENTION.impls, "cpp", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    visual = tiny_open_clip()
+    img = torch.randn(2, 3, 32, 32)
+    tome.apply_patch(visual, r=5, trace_source=True)
+    with torch.no_grad():
+        tokens, state = visual.forward_features_tome(img)
+        got = visual.tome_pool(tokens, state.size)[0] @ visual.proj
+        want, _, want_size, want_src = ref_open_clip_forward(visual, img, [5] * 3)
+    assert len(calls) == 3
+    assert torch.equal(state.source, want_src) and torch.equal(state.size, want_size)
+    assert_close(got, want, 1e-5, "open_clip fused attention vs reference")
+    calls.clear()
+    visual(img).sum().backward()
+    assert not calls, "with gradients the differentiable path runs"

@@ -162,6 +162,19 @@ def proportional_attention(qkv: Tensor, log_size: Tensor | None, num_heads: int,
     return ATTENTION.impls[backend](qkv, log_size, num_heads, scale)
 
 
+def fused_attention_or_none(qkv: Tensor, log_size: Tensor | None, num_heads: int, scale: float) -> Tensor | None:
+    """What the ToMe patches call: the C++ kernel's output when it applies to these inputs (CPU, no
+    gradient needed, not forced to the reference by ``impl``/``use_backend``, kernel built), else
+    ``None`` and the caller runs its own (SDPA or explicit) attention."""
+    if qkv.device.type != "cpu":
+        return None
+    if torch.is_grad_enabled() and (qkv.requires_grad or (log_size is not None and log_size.requires_grad)):
+        return None
+    if ATTENTION.select(qkv.device, None, qkv, log_size, num_heads) == "reference":
+        return None
+    return ATTENTION.impls["cpp"](qkv, log_size, num_heads, scale)
+
+
 class Merge:
     """``merge(x, mode="mean") -> [B, N - r, C]`` with ToMe's semantics; holds its matching."""
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from mmfast import tome as T
+from mmfast.ops import tome as MT
 from mmfast.reference.tome import parse_r
 
 __all__ = ["apply", "tome_mha"]
@@ -33,9 +34,15 @@ def tome_mha(mha: nn.MultiheadAttention, x: Tensor, size: Tensor | None, prop_at
     """Batch-first self-attention with ``mha``'s weights: ``(output [B, N, C], metric [B, N, head_dim])``."""
     b, n, c = x.shape
     heads = mha.num_heads
-    qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias).reshape(b, n, 3, heads, c // heads)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    bias = T.attention_bias(size, prop_attn, q.dtype)
+    qkv_flat = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
+    bias = T.attention_bias(size, prop_attn, qkv_flat.dtype)
+    if not (mha.training and mha.dropout > 0):
+        out = MT.fused_attention_or_none(qkv_flat, None if bias is None else bias.reshape(b, n), heads,
+                                         (c // heads) ** -0.5)
+        if out is not None:
+            metric = qkv_flat.view(b, n, 3, heads, -1)[:, :, 1].mean(dim=2)
+            return F.linear(out, mha.out_proj.weight, mha.out_proj.bias), metric
+    q, k, v = qkv_flat.reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=mha.dropout if mha.training else 0.0)
     out = F.linear(out.transpose(1, 2).reshape(b, n, c), mha.out_proj.weight, mha.out_proj.bias)
     return out, k.mean(dim=1)

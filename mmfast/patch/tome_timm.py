@@ -36,19 +36,18 @@ def tome_attention(attn: Attention, x: Tensor, size: Tensor | None, prop_attn: b
     fused path, or added before the softmax on timm's explicit path.
     """
     b, n, _ = x.shape
-    if _fused_cpu_ok(attn, x):
-        qkv = attn.qkv(x)
-        bias = T.attention_bias(size, prop_attn, qkv.dtype)
-        log_size = None if bias is None else bias.reshape(b, n)
-        if MT.ATTENTION.select(x.device, None, qkv, log_size, attn.num_heads) != "reference":
-            out = MT.ATTENTION.impls["cpp"](qkv, log_size, attn.num_heads, attn.scale)
-            metric = qkv.view(b, n, 3, attn.num_heads, -1)[:, :, 1].mean(dim=2)
-            return attn.proj_drop(attn.proj(out)), metric
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    qkv_flat = attn.qkv(x)
+    bias = T.attention_bias(size, prop_attn, qkv_flat.dtype)
+    if _plain_attention(attn):
+        out = MT.fused_attention_or_none(qkv_flat, None if bias is None else bias.reshape(b, n), attn.num_heads,
+                                         attn.scale)
+        if out is not None:
+            metric = qkv_flat.view(b, n, 3, attn.num_heads, -1)[:, :, 1].mean(dim=2)
+            return attn.proj_drop(attn.proj(out)), metric
+    qkv = qkv_flat.reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    bias = T.attention_bias(size, prop_attn, q.dtype)
     if attn.fused_attn:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
                                              dropout_p=attn.attn_drop.p if attn.training else 0.0)
@@ -65,12 +64,10 @@ def tome_attention(attn: Attention, x: Tensor, size: Tensor | None, prop_attn: b
     return out, k.mean(dim=1)
 
 
-def _fused_cpu_ok(attn: Attention, x: Tensor) -> bool:
-    """The C++ proportional-attention kernel applies: CPU inference, and nothing between the qkv
-    projection and the output projection but attention (no q/k norm, gate, output norm or dropout)."""
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or attn.qkv.weight.requires_grad)
-    return (x.device.type == "cpu" and not needs_grad
-            and isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)
+def _plain_attention(attn: Attention) -> bool:
+    """Nothing but attention between the qkv and output projections (no q/k norm, gate, output norm,
+    active dropout): what the fused proportional-attention kernel computes."""
+    return (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)
             and getattr(attn, "gate", None) is None and isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity)
             and not (attn.training and attn.attn_drop.p > 0))
 

@@ -50,8 +50,15 @@ inline void small_gemm(int64_t M, int64_t ncols, int64_t K, const T* A, int64_t 
   constexpr int64_t kW = at::vec::Vectorized<T>::size();
   const int64_t nvec = (ncols + kW - 1) / kW;
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) gemm_rows<T, 4>(nvec, K, A + m * sam, sam, sak, B, ldb, C + m * ldc, ldc, accumulate);
+  // 6 rows x 2 vectors: 12 accumulators + 2 B vectors + 1 broadcast fit the 16 AVX2 registers.
+  for (; m + 6 <= M; m += 6) gemm_rows<T, 6>(nvec, K, A + m * sam, sam, sak, B, ldb, C + m * ldc, ldc, accumulate);
   switch (M - m) {
+    case 5:
+      gemm_rows<T, 5>(nvec, K, A + m * sam, sam, sak, B, ldb, C + m * ldc, ldc, accumulate);
+      break;
+    case 4:
+      gemm_rows<T, 4>(nvec, K, A + m * sam, sam, sak, B, ldb, C + m * ldc, ldc, accumulate);
+      break;
     case 3:
       gemm_rows<T, 3>(nvec, K, A + m * sam, sam, sak, B, ldb, C + m * ldc, ldc, accumulate);
       break;

@@ -70,6 +70,22 @@ def triton_status() -> tuple[bool, str]:
     return False, "no CUDA GPU visible (set TRITON_INTERPRET=1 to run kernels in the interpreter)"
 
 
+def flash_attn_status() -> tuple[bool, str]:
+    """(usable, detail) of the optional ``flash_attn`` package (the ``flash_attn`` backend of window
+    attention): usable when ``import flash_attn`` works and it has ``flash_attn_func``; detail is its
+    version, or the import error. Not cached: a later install (or a test's stand-in module in
+    ``sys.modules``) is seen; the registry reads it once at import, like every backend."""
+    try:
+        mod = importlib.import_module("flash_attn")
+    except Exception as exc:  # noqa: BLE001 - any failure to import is "not available", with the reason
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "flash_attn":
+            return False, f"flash_attn is not installed (optional extra; {type(exc).__name__}: {exc})"
+        return False, f"flash_attn failed to import ({type(exc).__name__}: {exc})"
+    if not callable(getattr(mod, "flash_attn_func", None)):
+        return False, f"flash_attn {getattr(mod, '__version__', '?')} has no flash_attn_func"
+    return True, f"flash_attn {getattr(mod, '__version__', '(version unknown)')}"
+
+
 def build_info() -> dict[str, Any]:
     return dict(_C.build_info()) if _C is not None else {}
 
@@ -78,7 +94,9 @@ def backends() -> dict[str, dict[str, Any]]:
     """What this install can run, and why anything is missing.
 
     Returns ``{name: {"available": bool, "detail": str}}`` for ``cpp`` (the C++ CPU kernels),
-    ``cuda`` (the compiled CUDA kernels, which also need a GPU), ``triton`` and ``reference``.
+    ``cuda`` (the compiled CUDA kernels, which also need a GPU), ``triton``, ``flash_attn`` (the
+    optional flash-attn package, used by window attention only; see
+    :mod:`mmfast.ops.window_attention`) and ``reference``.
     """
     out: dict[str, dict[str, Any]] = {}
     info = build_info()
@@ -108,5 +126,7 @@ def backends() -> dict[str, dict[str, Any]]:
         }
     ok, how = triton_status()
     out["triton"] = {"available": ok, "detail": how}
+    ok, how = flash_attn_status()
+    out["flash_attn"] = {"available": ok, "detail": how}
     out["reference"] = {"available": True, "detail": "pure PyTorch, any device"}
     return out

@@ -208,7 +208,9 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, *, window_size: int | tupl
             ``mask_value``, timm's -100 added to the logits).
         order: "roll_pad" (timm: roll the unpadded map, then pad bottom/right; the mask regions
             are laid out on the padded grid) or "pad_roll" (the original Swin detection code).
-        impl: "auto", "cpp", "triton", "reference" (see mmfast.backends()).
+        impl: "auto", "cpp", "triton", "flash_attn", "reference" (see mmfast.backends()). "flash_attn"
+            (optional flash-attn package, CUDA, fp16/bf16) takes no rel_pos_bias, no logit_scale and no
+            shift mask in effect; when "auto" uses it: mmfast.ops.window_attention.set_flash_attn_policy.
     Returns:
         [B, H, W, heads, head_dim] in q's dtype, in the original (un-shifted, cropped) layout.
     """

@@ -16,9 +16,11 @@ Per block, with ``r`` the block's merge count (``block._tome_r``, a Python int):
 
 1. attention; the keys' mean over heads (after timm's ``k_norm``: the keys attention uses) is the
    matching metric. With proportional attention and token sizes, ``log(size)`` is added to the
-   logits along the key axis: an additive float mask ``[B, 1, 1, N]`` passed to
-   ``F.scaled_dot_product_attention`` (the fused path), or added before the explicit softmax when
-   the model was built with timm's non-fused attention;
+   logits along the key axis. On CPU, when no gradient is needed (inference) and the attention is
+   plain (no q/k norm, gate or active dropout), one C++ kernel computes it straight from the qkv
+   projection output (:func:`mmfast.ops.tome.proportional_attention`). Otherwise (CUDA, training)
+   the bias is an additive float mask ``[B, 1, 1, N]`` passed to ``F.scaled_dot_product_attention``,
+   or added before the explicit softmax when the model was built with timm's non-fused attention;
 2. the attention residual (LayerScale, drop path: the model's own modules);
 3. bipartite soft matching and the size-weighted merge (:func:`mmfast.functional.bipartite_soft_matching`,
    :func:`mmfast.functional.merge_wavg`, and :func:`mmfast.functional.merge_source` when tracing);

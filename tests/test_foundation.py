@@ -21,7 +21,7 @@ def _run(code: str, cwd: str | None = None, **env) -> subprocess.CompletedProces
 
 def test_backends_report_shape():
     b = mmfast.backends()
-    assert set(b) == {"cpp", "cuda", "triton", "reference"}
+    assert set(b) == {"cpp", "cuda", "triton", "flash_attn", "reference"}
     assert all(set(v) == {"available", "detail"} and v["detail"] for v in b.values())
     assert b["reference"]["available"]
 

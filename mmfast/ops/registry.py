@@ -7,6 +7,10 @@ an unavailable or unsupported forced backend raises an error listing the reasons
 fallback. When the C++ extension is missing, CPU tensors fall back to the reference with one
 warning per op. ``logging.getLogger("mmfast.dispatch")`` at DEBUG says why each backend was
 passed over.
+
+``flash_attn`` (the optional flash-attn package) is a backend of window attention only; it is not
+in the default preference lists: an op may give its own (``OpSpec.preference_fn``), as window
+attention does under its flash-attn policy (:func:`mmfast.ops.window_attention.set_flash_attn_policy`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from mmfast import _ext
 
 log = logging.getLogger("mmfast.dispatch")
 
-BACKENDS = ("cuda", "triton", "cpp", "reference")
+BACKENDS = ("cuda", "triton", "cpp", "flash_attn", "reference")
 _PREFERENCE = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")}
 
 _state = threading.local()
@@ -77,11 +81,24 @@ class OpSpec:
     name: str
     impls: dict[str, Callable] = field(default_factory=dict)
     checks: dict[str, Callable[..., list[str]]] = field(default_factory=dict)
+    #: the op's own preference list per device type (None: the registry's). Read on every dispatch,
+    #: so it may follow a module-level switch.
+    preference_fn: Callable[[str], Sequence[str]] | None = None
+    #: backends that only take some inputs (e.g. flash_attn: no bias, no mask): left out of
+    #: :meth:`auto_backend`, which has no inputs to check.
+    input_dependent: frozenset[str] = frozenset()
     _warned: bool = False
 
+    def preference(self, device_type: str) -> tuple[str, ...]:
+        if self.preference_fn is not None:
+            return tuple(self.preference_fn(device_type))
+        return _PREFERENCE.get(device_type, ("reference",))
+
     def auto_backend(self, device_type: str) -> str:
-        for b in _PREFERENCE.get(device_type, ("reference",)):
-            if b in self.impls and backend_unavailable_reason(b) is None:
+        """The backend ``impl='auto'`` picks for ``device_type`` inputs that every backend takes
+        (input-dependent backends such as flash_attn are left out)."""
+        for b in self.preference(device_type):
+            if b in self.impls and b not in self.input_dependent and backend_unavailable_reason(b) is None:
                 return b
         return "reference"
 
@@ -105,7 +122,7 @@ class OpSpec:
                 raise RuntimeError(f"{self.name}: impl={forced!r} cannot run here: " + "; ".join(reasons))
             return forced
         passed_over: list[str] = []
-        for b in _PREFERENCE.get(device.type, ("reference",)):
+        for b in self.preference(device.type):
             reasons = self.reasons(b, *args)
             if not reasons:
                 if b == "reference" and device.type == "cpu" and not self._warned:

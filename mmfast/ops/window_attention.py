@@ -4,15 +4,44 @@
 does roll + pad + partition + relative-position bias + shift mask + softmax + PV + reverse in one
 kernel (C++ on CPU tensors, Triton on CUDA tensors). The reference backend
 (mmfast.reference.window_attention) is plain differentiable torch and runs outside the custom op.
+
+The flash-attn route (backend ``flash_attn``, optional: ``pip install flash-attn`` on a CUDA
+machine; it cannot be built on a CPU-only one). For windows with no bias, no Swin v2 cosine
+logits and no shift mask in effect (the ViTDet / DITO case: ``shift == 0``, or
+``shift_mask=False``), the op can instead run as :func:`mmfast.ops.window_process.window_partition` of q, k
+and v (roll + pad with ``pad_value`` + partition, in one copy each), ``flash_attn.flash_attn_func``
+on ``[B * nW, Wh * Ww, heads, head_dim]``, and :func:`window_unpartition` (reverse, crop, un-roll).
+Same semantics as the reference, both orders; it runs outside the custom op, and autograd flows
+through the partition ops and flash-attn's own autograd. Eager mode is what is tested (with a
+stand-in for flash-attn on CPU); under torch.compile it works as far as the installed flash-attn
+traces (flash-attn >= 2.6 registers torch custom ops), which is untested here.
+
+Whether ``impl="auto"`` picks it is decided by the flash-attn policy (:func:`set_flash_attn_policy`,
+or the environment variable ``MMFAST_WINDOW_FLASH`` read at import), and only ever for inputs that
+qualify (:func:`flash_attn_reasons`) on a device type in ``_FLASH_DEVICE_TYPES``:
+
+* ``"auto"`` (the default): after mmfast's own kernels and before the pure-torch reference. It
+  never displaces a kernel of ours; it replaces the reference, which materialises the
+  ``[B * nW, heads, N, N]`` logits, where the Triton kernel cannot run (Triton not installed,
+  head_dim 136-256, windows of more than 16 x 16 tokens).
+* ``"always"``: first, ahead of the Triton kernel. For when the GPU benchmark (``python -m
+  mmfast.bench window --device cuda``: providers ``flash-attn`` and ``mmfast[flash_attn]``) shows
+  flash-attn faster on your shapes. No GPU was available to measure it, so it is not the default.
+* ``"never"``: only when forced (``impl="flash_attn"`` or ``mmfast.use_backend("flash_attn",
+  ops=["window_attention"])``).
+
+A forced ``flash_attn`` that cannot run raises a RuntimeError listing every reason.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from torch import Tensor
 
+from mmfast.ops import registry
 from mmfast.ops.registry import OpSpec, register
 from mmfast.reference import window_attention as ref
 
@@ -102,8 +131,134 @@ def _register_fakes() -> None:
 
 _register_fakes()
 
-WINDOW_FWD = register(OpSpec("window_attention", impls={"cpp": _fwd_cpp, "triton": _fwd_triton, "reference": None},
-                             checks={"cpp": _cpp_checks, "triton": _triton_checks}))
+
+# ------------------------------------------------------------------------------------------------
+# the flash-attn route (module docstring)
+
+FLASH_POLICIES = ("auto", "always", "never")
+#: device types flash-attn runs on (tests add "cpu", with a stand-in flash_attn module)
+_FLASH_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
+#: dtypes flash_attn_func takes (tests add float32 / float64 for the stand-in)
+_FLASH_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)
+_FLASH_MAX_HEAD_DIM = 256
+#: flash-attn 2 launches one CUDA grid row (gridDim.y) per sequence: at most 65535 windows per call
+_FLASH_MAX_WINDOWS = 65535
+
+
+def _policy_from_env() -> str:
+    value = os.environ.get("MMFAST_WINDOW_FLASH", "auto").strip().lower() or "auto"
+    if value not in FLASH_POLICIES:
+        warnings.warn(f"mmfast: MMFAST_WINDOW_FLASH={value!r} is not one of {FLASH_POLICIES}; using 'auto'",
+                      RuntimeWarning, stacklevel=2)
+        return "auto"
+    return value
+
+
+_FLASH_POLICY = {"value": _policy_from_env()}
+
+
+def set_flash_attn_policy(policy: str) -> str:
+    """When ``impl="auto"`` may route qualifying window attention through flash-attn: ``"auto"``
+    (default: ahead of the reference only), ``"always"`` (ahead of every kernel) or ``"never"``
+    (only when forced). See the module docstring. Returns the previous policy."""
+    if policy not in FLASH_POLICIES:
+        raise ValueError(f"flash-attn policy must be one of {FLASH_POLICIES}, got {policy!r}")
+    prev = _FLASH_POLICY["value"]
+    _FLASH_POLICY["value"] = policy
+    return prev
+
+
+def flash_attn_policy() -> str:
+    """The current flash-attn policy (:func:`set_flash_attn_policy`)."""
+    return _FLASH_POLICY["value"]
+
+
+def _preference(device_type: str) -> tuple[str, ...]:
+    base = registry._PREFERENCE.get(device_type, ("reference",))
+    policy = _FLASH_POLICY["value"]
+    if policy == "never" or device_type not in _FLASH_DEVICE_TYPES:
+        return base
+    if policy == "always":
+        return ("flash_attn",) + tuple(b for b in base if b != "flash_attn")
+    rest = tuple(b for b in base if b not in ("flash_attn", "reference"))
+    return rest + ("flash_attn", "reference")
+
+
+def flash_attn_reasons(q: Tensor, k: Tensor, v: Tensor, window, shift=(0, 0), rel_pos_bias: Tensor | None = None,
+                       logit_scale: Tensor | None = None, shift_mask: bool = True) -> list[str]:
+    """Why the flash-attn route cannot take these (validated) inputs; empty when it can. Whether
+    flash_attn is installed is the registry's check (``mmfast.backends()["flash_attn"]``)."""
+    reasons = []
+    if q.device.type not in _FLASH_DEVICE_TYPES:
+        reasons.append(f"flash-attn takes tensors on {' / '.join(_FLASH_DEVICE_TYPES)}, got {q.device.type}")
+    elif q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) < (8, 0):
+        reasons.append(f"flash-attn 2 needs an Ampere or newer GPU (sm80+), got "
+                       f"sm{''.join(map(str, torch.cuda.get_device_capability(q.device)))}")
+    if q.dtype not in _FLASH_DTYPES:
+        reasons.append(f"flash-attn takes {' / '.join(str(d).replace('torch.', '') for d in _FLASH_DTYPES)}, "
+                       f"got {str(q.dtype).replace('torch.', '')}")
+    head_dim = q.shape[-1]
+    if head_dim > _FLASH_MAX_HEAD_DIM or head_dim % 8:
+        reasons.append(f"flash-attn needs head_dim <= {_FLASH_MAX_HEAD_DIM} and a multiple of 8, got {head_dim}")
+    if rel_pos_bias is not None:
+        reasons.append("rel_pos_bias is given (flash-attn takes no additive bias)")
+    if logit_scale is not None:
+        reasons.append("logit_scale is given (Swin v2 cosine attention is not flash-attn's softmax(q k^T * scale))")
+    if shift_mask and any(shift):
+        reasons.append(f"the shift mask is in effect (shift_size {tuple(shift)} with shift_mask=True; flash-attn "
+                       "takes no mask: use shift 0, or shift_mask=False as DITO does)")
+    b, h, w = q.shape[:3]
+    n_windows = b * (-(-h // window[0])) * (-(-w // window[1]))
+    if n_windows > _FLASH_MAX_WINDOWS:
+        reasons.append(f"{n_windows} windows (B * nW) in one call: flash-attn's grid takes at most "
+                       f"{_FLASH_MAX_WINDOWS}")
+    return reasons
+
+
+def _flash_checks(q: Tensor, k: Tensor, v: Tensor, window, shift=(0, 0), rel_pos_bias=None, logit_scale=None,
+                  shift_mask: bool = True, *rest) -> list[str]:
+    return flash_attn_reasons(q, k, v, window, shift, rel_pos_bias, logit_scale, shift_mask)
+
+
+def _process_backend(x: Tensor) -> str:
+    """The window_process backend for ``x``, chosen without any use_backend context (a context that
+    forces ``flash_attn`` must not reach the partition op)."""
+    from mmfast.ops.window_process import PROCESS
+
+    for b in registry._PREFERENCE.get(x.device.type, ("reference",)):
+        if b in PROCESS.impls and not PROCESS.reasons(b, x):
+            return b
+    return "reference"
+
+
+def _fwd_flash(q: Tensor, k: Tensor, v: Tensor, window: tuple[int, int], shift: tuple[int, int], scale: float,
+               pad_value: Tensor | None, order: str) -> Tensor:
+    """partition -> flash_attn_func -> unpartition (module docstring); differentiable."""
+    import flash_attn
+
+    from mmfast.ops.window_process import window_partition, window_unpartition
+
+    b, h, w, heads, hd = q.shape
+    n = window[0] * window[1]
+    pb = _process_backend(q)
+    pads = (pad_value.to(q.dtype).reshape(3, heads * hd).unbind(0) if pad_value is not None else (None, None, None))
+    qw, kw, vw = (window_partition(t.reshape(b, h, w, heads * hd), window, shift, order=order, pad_value=p,
+                                   impl=pb).view(-1, n, heads, hd) for t, p in zip((q, k, v), pads))
+    kwargs = {}
+    if _DETERMINISTIC["value"] or torch.are_deterministic_algorithms_enabled():
+        kwargs["deterministic"] = True  # flash-attn >= 2.4: no atomics in the dq reduction
+    out = flash_attn.flash_attn_func(qw, kw, vw, dropout_p=0.0, softmax_scale=scale, causal=False, **kwargs)
+    if isinstance(out, tuple):  # return_attn_probs / other versions: (out, lse, ...)
+        out = out[0]
+    out = window_unpartition(out.reshape(-1, n, heads * hd), (h, w), window, shift, order=order, impl=pb)
+    return out.view(b, h, w, heads, hd)
+
+
+WINDOW_FWD = register(OpSpec("window_attention",
+                             impls={"cpp": _fwd_cpp, "triton": _fwd_triton, "flash_attn": _fwd_flash,
+                                    "reference": None},
+                             checks={"cpp": _cpp_checks, "triton": _triton_checks, "flash_attn": _flash_checks},
+                             preference_fn=_preference, input_dependent=frozenset({"flash_attn"})))
 _BWD = {"cpp": _bwd_cpp, "triton": _bwd_triton}
 
 
@@ -198,7 +353,10 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, *, window_size, shift_size
     """Dispatching entry point; see :func:`mmfast.functional.window_attention` for the contract."""
     # The reference validates every argument with clear errors; every backend rejects the same inputs.
     window, shift = ref.validate_args(q, k, v, window_size, shift_size, rel_pos_bias, logit_scale, pad_value, order)
-    backend = WINDOW_FWD.select(q.device, impl, q, k, v, window)
+    backend = WINDOW_FWD.select(q.device, impl, q, k, v, window, shift, rel_pos_bias, logit_scale, bool(shift_mask))
+    if backend == "flash_attn":
+        scale_f = float(scale) if scale is not None else q.shape[-1] ** -0.5
+        return _fwd_flash(q, k, v, window, shift, scale_f, pad_value, order)
     if backend == "reference":
         return ref.window_attention(q, k, v, window_size=window, shift_size=shift, rel_pos_bias=rel_pos_bias,
                                     scale=scale, logit_scale=logit_scale, pad_value=pad_value, shift_mask=shift_mask,
@@ -209,4 +367,5 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, *, window_size, shift_size
     return out
 
 
-__all__ = ["window_attention", "set_deterministic", "WINDOW_FWD"]
+__all__ = ["window_attention", "set_deterministic", "set_flash_attn_policy", "flash_attn_policy",
+           "flash_attn_reasons", "FLASH_POLICIES", "WINDOW_FWD"]

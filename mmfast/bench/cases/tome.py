@@ -10,11 +10,13 @@ Two kinds of configuration, both under ``torch.inference_mode()``:
   and run under ``mmfast.use_backend("reference")``, so the matching is
   :func:`mmfast.reference.tome.matching_indices` and the merge :func:`mmfast.reference.tome.merge_wavg`
   (gathers + ``scatter_reduce``);
-* ``mmfast[<impl>]``: ``apply_patch(model, r)`` as shipped: SDPA with the additive ``log(size)`` mask and
-  the fused matching and merge kernels (``impl=auto``: C++ on CPU, Triton on CUDA);
-* ``mmfast[<impl>]+eager``: the fused kernels with the explicit attention of ``tome-ref``: everything
-  but the matching/merge backend is the same as the baseline, so its ``max|diff|`` checks that the
-  kernels reproduce the reference (0 when they make the same merges and sums).
+* ``mmfast[<impl>]``: ``apply_patch(model, r)`` as shipped: the fused matching and merge kernels
+  (``impl=auto``: C++ on CPU, Triton on CUDA) and, for attention, the C++ proportional-attention
+  kernel on CPU (inference) or SDPA with the additive ``log(size)`` mask on CUDA;
+* ``mmfast[<impl>]+eager``: the fused matching/merge kernels with the explicit attention of
+  ``tome-ref`` (the attention kernel forced off): everything but the matching/merge backend is the
+  same as the baseline, so its ``max|diff|`` checks that those kernels reproduce the reference, and
+  the gap to ``mmfast[<impl>]`` is what the attention kernel adds.
 
 Every provider returns the logits; ``max|diff|`` is against ``tome-ref``; the ``timm`` row's ratio is
 ``tome-ref``'s time over the unmerged time (so ``1 / ratio`` is reference ToMe's speed-up); the summary
@@ -58,6 +60,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -92,6 +95,14 @@ def _backend(impl: str) -> Iterator[None]:
     import mmfast
 
     with mmfast.use_backend(impl):
+        yield
+
+
+@contextlib.contextmanager
+def _attention_reference() -> Iterator[None]:
+    import mmfast
+
+    with mmfast.use_backend("reference", ops=["tome_attention"]):
         yield
 
 
@@ -305,9 +316,14 @@ class ToMeCase(BenchCase):
             model = self._patched(cfg, device, kind)
             x = self._cache["images"]
             backend = "reference" if kind == "ref" else impl
+            # "+eager": explicit attention, i.e. the CPU attention kernel forced to its reference (the
+            # other ops stay on auto, which is the C++ backend on CPU)
+            make_ctx = functools.partial(_backend, backend)
+            if kind == "fused-eager" and torch.device(device).type == "cpu" and impl in ("auto", "cpp"):
+                make_ctx = _attention_reference
 
             def run() -> torch.Tensor:
-                with torch.inference_mode(), _backend(backend):
+                with torch.inference_mode(), make_ctx():
                     return model(x)
 
             return run

@@ -32,6 +32,14 @@ Providers (the baseline is ``timm-eager``):
   CPU backward): ``torch.compile`` of roll + pad + partition + ``flex_attention`` with a block mask
   for the windows (tokens in window-major order, ``q // N == k // N``) and a ``score_mod`` adding the
   bias ``table[rel_index][h, q % N, k % N]`` and the shift mask ``mask[q // N, q % N, k % N]``.
+* ``flash-attn`` and ``mmfast[flash_attn]`` (``attn`` level, CUDA, only for configurations flash-attn
+  can run: no bias, no shift, fp16/bf16, i.e. the ViTDet/DITO windows; only when the optional
+  ``flash_attn`` package imports): ``flash-attn`` is what a user writes without mmfast (timm-style
+  roll + pad + partition in plain torch, ``flash_attn.flash_attn_func`` on ``[B * nW, N, heads,
+  head_dim]``, reverse + crop), :func:`flash_window_attention`; ``mmfast[flash_attn]`` is
+  :func:`mmfast.functional.window_attention` with ``impl="flash_attn"`` (mmfast's one-copy partition
+  and unpartition around the same call). On CPU, or without flash_attn, they are not offered (a note
+  says why).
 
 Shapes. CPU (float32): the Swin-T stage-1 block shape (56x56 map, dim 96, 3 heads) and stage 3
 (14x14, dim 384, 12 heads), window 7, shift 3, batch 8, ``block`` and ``attn``, ``fwd`` and
@@ -65,9 +73,10 @@ from mmfast.bench.cases import BenchCase, CaseUnavailable, register_case
 from mmfast.bench.cases.contrastive import selected
 from mmfast.bench.harness import BenchResult, Provider
 
-__all__ = ["WindowCase", "analytic_bytes", "flex_window_attention", "timm_style_window_attention", "window_buffers"]
+__all__ = ["WindowCase", "analytic_bytes", "flash_window_attention", "flex_window_attention",
+           "timm_style_window_attention", "window_buffers"]
 
-IMPLS = ("auto", "cpp", "reference", "triton", "cuda")
+IMPLS = ("auto", "cpp", "reference", "triton", "cuda", "flash_attn")
 LEVELS = ("block", "attn", "model")
 PASSES = ("fwd", "fwd+bwd")
 
@@ -204,6 +213,39 @@ def timm_style_window_attention(qkv: torch.Tensor, table: torch.Tensor | None, w
     return _from_windows(out, (h, w), window, shift)
 
 
+def flash_unavailable_reason() -> str | None:
+    """None when mmfast's ``flash_attn`` backend (the optional flash-attn package) can run here, else why not."""
+    from mmfast.ops.registry import backend_unavailable_reason
+
+    return backend_unavailable_reason("flash_attn")
+
+
+def flash_config(cfg: dict[str, Any]) -> bool:
+    """Whether flash-attn can run a configuration: the attention op, no bias, no shift (so no shift
+    mask), fp16/bf16, head_dim a multiple of 8 up to 256 (the ViTDet/DITO shapes)."""
+    hd = cfg.get("dim", 0) // max(cfg.get("heads", 1), 1)
+    return (cfg["level"] == "attn" and not cfg.get("bias", True) and not cfg.get("shift", 0)
+            and cfg["dtype"] in ("float16", "bfloat16") and 0 < hd <= 256 and hd % 8 == 0)
+
+
+def flash_window_attention(qkv: torch.Tensor, window: tuple[int, int], shift: tuple[int, int],
+                           scale: float) -> torch.Tensor:
+    """Window attention with no bias and no mask as a user writes it with flash-attn, without mmfast:
+    timm's roll + pad + partition of the qkv map ``[B, H, W, 3, heads, hd]`` (plain torch), one
+    ``flash_attn.flash_attn_func`` on ``[B * nW, N, heads, hd]``, reverse + crop + roll back.
+    Padded tokens are zeros (as in :func:`timm_style_window_attention`)."""
+    import flash_attn
+
+    b, h, w, _, heads, hd = qkv.shape
+    win = _to_windows(qkv, window, shift)  # [B, nW, N, 3, heads, hd]
+    nw, n = win.shape[1], win.shape[2]
+    q, k, v = win.reshape(b * nw, n, 3, heads, hd).unbind(2)  # [B*nW, N, heads, hd]
+    out = flash_attn.flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=scale, causal=False)
+    if isinstance(out, tuple):
+        out = out[0]
+    return _from_windows(out.reshape(b, nw, n, heads, hd), (h, w), window, shift)
+
+
 def flex_window_attention(hw: tuple[int, int], heads: int, window: tuple[int, int], shift: tuple[int, int],
                           scale: float, has_bias: bool, device: str) -> Callable[..., torch.Tensor]:
     """A compiled ``fn(qkv, table) -> out`` doing the window attention with FlexAttention (module docstring)."""
@@ -334,6 +376,14 @@ class WindowCase(BenchCase):
                          "14x14 and 16x16 windows, FlexAttention) are skipped; running the CPU set.")
         if (cuda or opts.flex) and not _has_flex():
             notes.append(f"note: torch {torch.__version__} has no FlexAttention: no flex provider.")
+        why = flash_unavailable_reason()
+        if why is not None:
+            notes.append(f"note: no flash-attn / mmfast[flash_attn] providers: {why}.")
+        elif not cuda:
+            notes.append("note: no flash-attn / mmfast[flash_attn] providers: flash-attn runs on CUDA only.")
+        else:
+            notes.append("note: flash-attn and mmfast[flash_attn] providers on the no-bias, no-shift fp16/bf16 "
+                         "attention configurations (the ViTDet/DITO windows).")
         return notes
 
     # ------------------------------------------------------------------------------------------ shapes
@@ -394,7 +444,8 @@ class WindowCase(BenchCase):
 
     # --------------------------------------------------------------------------------------- providers
     def providers(self, cfg: dict[str, Any], device: str, opts: argparse.Namespace) -> list[Provider]:
-        """``timm-eager`` (baseline), ``timm-sdpa``, one ``mmfast[<impl>]`` per ``--impl``, ``flex``; filtered."""
+        """``timm-eager`` (baseline), ``timm-sdpa``, one ``mmfast[<impl>]`` per ``--impl``, ``flex``, ``flash-attn``
+        and ``mmfast[flash_attn]`` (where flash-attn runs); filtered by ``--providers``."""
         wanted = getattr(opts, "providers", None)
         level = cfg["level"]
         make = {"block": self._block_setup, "attn": self._attn_setup, "model": self._model_setup}[level]
@@ -403,14 +454,25 @@ class WindowCase(BenchCase):
                            ("timm-sdpa", "timm WindowAttention, fused_attn=True (SDPA, dense bias+mask)")):
             if selected(name, wanted):
                 out.append(Provider(name, make(cfg, device, name), desc))
-        for impl in _csv(str, opts.impl):
+        cuda = torch.device(device).type == "cuda"
+        flash = cuda and flash_config(cfg) and flash_unavailable_reason() is None
+        impls = _csv(str, opts.impl)
+        for impl in impls:
             name = f"mmfast[{impl}]"
+            if impl == "flash_attn" and not flash:
+                continue  # not a configuration (or device, or install) flash-attn runs: see check()'s notes
             if selected(name, wanted):
                 out.append(Provider(name, make(cfg, device, name, impl), f"mmfast window attention, impl={impl!r}"))
-        cuda = torch.device(device).type == "cuda"
         if (level == "attn" and selected("flex", wanted) and _has_flex()
                 and (cuda or (opts.flex and cfg["pass"] == "fwd"))):
             out.append(Provider("flex", make(cfg, device, "flex"), "torch.compile(flex_attention), block mask"))
+        if flash:
+            if selected("flash-attn", wanted):
+                out.append(Provider("flash-attn", make(cfg, device, "flash-attn"),
+                                    "torch partition + flash_attn.flash_attn_func + reverse (no mmfast)"))
+            if "flash_attn" not in impls and selected("mmfast[flash_attn]", wanted):
+                out.append(Provider("mmfast[flash_attn]", make(cfg, device, "mmfast[flash_attn]", "flash_attn"),
+                                    "mmfast window attention, impl='flash_attn'"))
         return out
 
     # -- one block
@@ -483,6 +545,10 @@ class WindowCase(BenchCase):
                     return timm_style_window_attention(qkv, table, window, shift, scale, sdpa=sdpa, buffers=buffers)
             elif name == "flex":
                 fn = flex_window_attention(hw, heads, window, shift, scale, table is not None, device)
+            elif name == "flash-attn":
+
+                def fn(qkv: torch.Tensor, table: torch.Tensor | None) -> torch.Tensor:
+                    return flash_window_attention(qkv, window, shift, scale)
             else:
 
                 def fn(qkv: torch.Tensor, table: torch.Tensor | None) -> torch.Tensor:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from mmfast import tome as T
+from mmfast.ops import linear as L
 from mmfast.ops import tome as MT
 from mmfast.reference.tome import parse_r
 
@@ -37,14 +38,14 @@ def tome_attention(attn: Attention, x: Tensor, size: Tensor | None, prop_attn: b
     """
     b, n, _ = x.shape
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv_flat = attn.qkv(x)
+    qkv_flat = L.linear(x, attn.qkv)
     bias = T.attention_bias(size, prop_attn, qkv_flat.dtype)
     if _plain_attention(attn):
         out = MT.fused_attention_or_none(qkv_flat, None if bias is None else bias.reshape(b, n), attn.num_heads,
                                          attn.scale)
         if out is not None:
             metric = qkv_flat.view(b, n, 3, attn.num_heads, -1)[:, :, 1].mean(dim=2)
-            return attn.proj_drop(attn.proj(out)), metric
+            return attn.proj_drop(L.linear(out, attn.proj)), metric
     qkv = qkv_flat.reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
@@ -60,8 +61,15 @@ def tome_attention(attn: Attention, x: Tensor, size: Tensor | None, prop_attn: b
     out = attn.norm(out) if hasattr(attn, "norm") else out
     if gate is not None:
         out = out * gate
-    out = attn.proj_drop(attn.proj(out))
+    out = attn.proj_drop(L.linear(out, attn.proj))
     return out, k.mean(dim=1)
+
+
+def _mlp(mlp: nn.Module, x: Tensor) -> Tensor:
+    """The block's MLP; fc1 + GELU fused by oneDNN on CPU inference (:mod:`mmfast.ops.linear`)."""
+    if L.plain_gelu_mlp(mlp):
+        return L.linear(L.linear(x, mlp.fc1, gelu=True), mlp.fc2)
+    return mlp(x)
 
 
 def _plain_attention(attn: Attention) -> bool:
@@ -109,7 +117,7 @@ class ToMeBlockMixin:
         y, metric = tome_attention(self.attn, self.norm1(x), size, prop_attn)
         x = x + self.drop_path1(self.ls1(y))
         x, size, source = T.merge_tokens(x, metric, r, size, source, num_prefix_tokens, trace_source)
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        x = x + self.drop_path2(self.ls2(_mlp(self.mlp, self.norm2(x))))
         return x, size, source
 
 

@@ -11,12 +11,17 @@ Two kinds of configuration, both under ``torch.inference_mode()``:
   :func:`mmfast.reference.tome.matching_indices` and the merge :func:`mmfast.reference.tome.merge_wavg`
   (gathers + ``scatter_reduce``);
 * ``mmfast[<impl>]``: ``apply_patch(model, r)`` as shipped: the fused matching and merge kernels
-  (``impl=auto``: C++ on CPU, Triton on CUDA) and, for attention, the C++ proportional-attention
-  kernel on CPU (inference) or SDPA with the additive ``log(size)`` mask on CUDA;
-* ``mmfast[<impl>]+eager``: the fused matching/merge kernels with the explicit attention of
-  ``tome-ref`` (the attention kernel forced off): everything but the matching/merge backend is the
-  same as the baseline, so its ``max|diff|`` checks that those kernels reproduce the reference, and
-  the gap to ``mmfast[<impl>]`` is what the attention kernel adds.
+  (``impl=auto``: C++ on CPU, Triton on CUDA); for attention, the C++ proportional-attention kernel
+  on CPU (inference) or SDPA with the additive ``log(size)`` mask on CUDA; on CPU fp32 inference the
+  merging blocks' linears with oneDNN's fused bias/GELU epilogue (:mod:`mmfast.ops.linear`);
+* ``mmfast[<impl>]+eager``: the fused matching/merge kernels with the explicit attention and the
+  plain ``F.linear`` of ``tome-ref`` (attention kernel and fused linears forced off): everything but
+  the matching/merge backend is the same as the baseline, so its ``max|diff|`` checks that those
+  kernels reproduce the reference, and the gap to ``mmfast[<impl>]`` is what the attention kernel
+  and the fused linears add;
+* ``timm+fused-linear`` (CPU): the unmerged model with every block's linears through the same
+  oneDNN fused linears: the control that separates what merging gives from what the linears give
+  (``x`` it / ``mmfast[auto]`` is the speed-up of merging alone with equal GEMMs).
 
 Every provider returns the logits; ``max|diff|`` is against ``tome-ref``; the ``timm`` row's ratio is
 ``tome-ref``'s time over the unmerged time (so ``1 / ratio`` is reference ToMe's speed-up); the summary
@@ -102,8 +107,34 @@ def _backend(impl: str) -> Iterator[None]:
 def _attention_reference() -> Iterator[None]:
     import mmfast
 
-    with mmfast.use_backend("reference", ops=["tome_attention"]):
+    with mmfast.use_backend("reference", ops=["tome_attention", "fused_linear"]):
         yield
+
+
+class _FusedLinear(torch.nn.Module):
+    """Control provider: an unmerged block's linear through :func:`mmfast.ops.linear.linear`."""
+
+    def __init__(self, inner: torch.nn.Linear):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from mmfast.ops.linear import linear
+
+        return linear(x, self.inner)
+
+
+class _FusedMlp(torch.nn.Module):
+    """Control provider: an unmerged block's MLP as the ToMe blocks run it (fc1 + GELU fused)."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from mmfast.patch.tome_timm import _mlp
+
+        return _mlp(self.inner, x)
 
 
 def layer_shapes(num_tokens: int, depth: int, r: int, num_prefix_tokens: int = 1) -> list[tuple[int, int]]:
@@ -245,6 +276,10 @@ class ToMeCase(BenchCase):
         if cfg["part"] == "model":
             if _want("timm", "timm", wanted):
                 out.append(Provider("timm", self._model_setup(cfg, device, "timm"), "unmerged timm ViT (SDPA)"))
+            if (torch.device(device).type == "cpu" and cfg["dtype"] == "float32"
+                    and _want("timm+fused-linear", "timm", wanted)):
+                out.append(Provider("timm+fused-linear", self._model_setup(cfg, device, "timm-fused-linear"),
+                                    "unmerged timm ViT with the oneDNN fused linears of the ToMe blocks (control)"))
             if _want("tome-ref", "tome-ref", wanted):
                 out.append(Provider("tome-ref", self._model_setup(cfg, device, "ref"),
                                     "apply_patch + explicit softmax + use_backend('reference')"))
@@ -305,6 +340,11 @@ class ToMeCase(BenchCase):
 
         model = copy.deepcopy(self._base_model(cfg, device))
         if kind == "timm":
+            return model
+        if kind == "timm-fused-linear":
+            for blk in model.blocks:
+                blk.attn.qkv, blk.attn.proj = _FusedLinear(blk.attn.qkv), _FusedLinear(blk.attn.proj)
+                blk.mlp = _FusedMlp(blk.mlp)
             return model
         apply_patch(model, r=cfg["r"])
         for blk in model.blocks:
@@ -452,6 +492,13 @@ def summary_markdown(results: list[BenchResult], title: str) -> str:
                     f"{'-' if r.peak_extra_bytes is None else f'{r.peak_extra_bytes / 2**20:.1f}'} | "
                     f"{'-' if r.max_abs_diff is None else f'{r.max_abs_diff:.2e}'} |"
                     + (f" error: {r.error[:80]}" if r.error else ""))
+            ctrl = base.get("timm+fused-linear")
+            mm = next((r for n, r in base.items() if n.startswith("mmfast[") and "+" not in n), None)
+            if ctrl is not None and mm is not None and _med(ctrl) and _med(mm):
+                lines += ["", f"Merging alone, with the same fused linears in both models ({shape}): "
+                          f"timm+fused-linear / {mm.provider} = {_med(ctrl) / _med(mm):.2f}x (median), "
+                          f"{_min(ctrl) / _min(mm):.2f}x (min); the fused linears alone: timm / timm+fused-linear "
+                          f"= {t_unm / _med(ctrl):.2f}x." if t_unm else ""]
         lines.append("")
     merges = [r for r in results if r.params.get("part") == "merge"]
     if merges:

@@ -1,0 +1,79 @@
+"""Linear layers with a fused epilogue for CPU inference (used inside the ToMe-patched blocks).
+
+On CPU, in float32, when no gradient is needed, ``linear(x, layer, gelu=...)`` runs oneDNN's
+matmul with the bias (and the exact-erf GELU of ``fc1 -> GELU``) applied in the GEMM's epilogue
+(``torch.ops.mkldnn._linear_pointwise``, the op torch.compile's CPU backend emits for the same
+pattern). Against ``F.linear`` + ``F.gelu`` that removes the bias broadcast copy and the separate
+GELU pass, and oneDNN's sgemm is faster than the default BLAS at the small, shrinking token counts
+of a merged ViT (measured on this project's CPU machine: ``python -m mmfast.bench tome``).
+Everywhere else (training, CUDA, other dtypes, a Linear subclass or a Linear with hooks, a torch
+build without the op) it is exactly ``F.linear`` (+ ``F.gelu``), and so it is under
+``mmfast.use_backend("reference")`` (or ``use_backend("reference", ops=["fused_linear"])``).
+
+The results differ from ``F.linear``'s by rounding only (a different GEMM summation order: a few
+ulps); the availability of the op is probed once, against ``F.linear``, on first use.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmfast.ops import registry
+
+__all__ = ["linear", "onednn_available"]
+
+_PROBE: dict[str, bool] = {}
+
+
+def onednn_available() -> bool:
+    """Whether oneDNN's fused linear runs here and agrees with ``F.linear`` (probed once)."""
+    if "ok" not in _PROBE:
+        ok = False
+        try:
+            if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+                g = torch.Generator().manual_seed(0)
+                x, w, b = (torch.randn(5, 24, generator=g), torch.randn(40, 24, generator=g),
+                           torch.randn(40, generator=g))
+                with torch.no_grad():
+                    y = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+                    z = torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "none")
+                ok = (torch.allclose(y, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+                      and torch.allclose(z, F.gelu(F.linear(x, w, b)), rtol=1e-5, atol=1e-5))
+        except Exception:  # noqa: BLE001 - any failure means: not available
+            ok = False
+        _PROBE["ok"] = ok
+    return _PROBE["ok"]
+
+
+def _fusable(x: Tensor, layer: nn.Module) -> bool:
+    return (registry._forced_for("fused_linear") != "reference" and type(layer) is nn.Linear
+            and x.device.type == "cpu" and x.dtype == torch.float32
+            and layer.weight.dtype == torch.float32 and not layer._forward_hooks and not layer._forward_pre_hooks
+            and not (torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad))
+            and onednn_available())
+
+
+def linear(x: Tensor, layer: nn.Module, gelu: bool = False) -> Tensor:
+    """``layer(x)`` (then exact GELU if ``gelu``), fused by oneDNN on CPU fp32 inference."""
+    if _fusable(x, layer):
+        if gelu:
+            return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "gelu", [], "none")
+        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
+    y = layer(x)
+    return F.gelu(y) if gelu else y
+
+
+def plain_gelu_mlp(mlp: nn.Module) -> bool:
+    """A timm ``Mlp`` that is exactly fc1 -> exact GELU -> fc2 with no norm and no active dropout."""
+    try:
+        from timm.layers import Mlp
+    except ImportError:  # pragma: no cover - timm is a dependency of the patches that call this
+        return False
+    act = getattr(mlp, "act", None)
+    drops = [getattr(mlp, n, None) for n in ("drop1", "drop2")]
+    return (type(mlp) is Mlp and type(act) is nn.GELU and act.approximate == "none"
+            and isinstance(getattr(mlp, "norm", None), nn.Identity)
+            and all(d is None or not mlp.training or d.p == 0 for d in drops)
+            and not mlp._forward_hooks and not mlp._forward_pre_hooks)

@@ -598,3 +598,32 @@ def test_open_clip_cpu_inference_uses_the_fused_attention_kernel(monkeypatch):
     calls.clear()
     visual(img).sum().backward()
     assert not calls, "with gradients the differentiable path runs"
+
+
+@pytest.mark.parametrize("kind", ["timm", "open_clip"])
+def test_cpu_inference_merging_blocks_use_fused_linears(monkeypatch, kind):
+    """Merging blocks route qkv, proj, fc1+GELU and fc2 through mmfast.ops.linear (oneDNN epilogues
+    on CPU inference; exactly F.linear otherwise); the outputs stay equal to the reference patch."""
+    from mmfast.ops import linear as L
+
+    if not L.onednn_available():
+        pytest.skip("oneDNN's fused linear is not usable here")
+    taken = []
+    real = L._fusable
+    monkeypatch.setattr(L, "_fusable", lambda *a: taken.append(real(*a)) or taken[-1])
+    torch.manual_seed(0)
+    img = torch.randn(2, 3, 32, 32)
+    model = tiny_vit(depth=3) if kind == "timm" else tiny_open_clip()
+    tome.apply_patch(model, r=5, trace_source=True)
+    with torch.no_grad():
+        if kind == "timm":
+            got, state = model(img), model.forward_features_tome(img)[1]
+            want, want_size, want_src = ref_timm_forward(model, img, [5] * 3)
+        else:
+            tokens, state = model.forward_features_tome(img)
+            got = model.tome_pool(tokens, state.size)[0] @ model.proj
+            want, _, want_size, want_src = ref_open_clip_forward(model, img, [5] * 3)
+    assert taken and all(taken), "every linear of a merging block takes the fused path under no_grad"
+    assert len(taken) >= 4 * 3
+    assert torch.equal(state.source, want_src) and torch.equal(state.size, want_size)
+    assert_close(got, want, 1e-5, f"{kind} with fused linears vs reference")

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from mmfast.ops import registry
 
-__all__ = ["linear", "onednn_available"]
+__all__ = ["linear", "linear_wb", "onednn_available", "plain_gelu_mlp"]
 
 _PROBE: dict[str, bool] = {}
 
@@ -47,22 +47,35 @@ def onednn_available() -> bool:
     return _PROBE["ok"]
 
 
-def _fusable(x: Tensor, layer: nn.Module) -> bool:
-    return (registry._forced_for("fused_linear") != "reference" and type(layer) is nn.Linear
-            and x.device.type == "cpu" and x.dtype == torch.float32
-            and layer.weight.dtype == torch.float32 and not layer._forward_hooks and not layer._forward_pre_hooks
-            and not (torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad))
+def _fusable(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    return (registry._forced_for("fused_linear") != "reference"
+            and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and (bias is None or bias.dtype == torch.float32)
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                  or (bias is not None and bias.requires_grad)))
             and onednn_available())
 
 
-def linear(x: Tensor, layer: nn.Module, gelu: bool = False) -> Tensor:
-    """``layer(x)`` (then exact GELU if ``gelu``), fused by oneDNN on CPU fp32 inference."""
-    if _fusable(x, layer):
+def linear_wb(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool = False) -> Tensor:
+    """``F.linear(x, weight, bias)`` (then exact GELU if ``gelu``), fused by oneDNN on CPU fp32 inference."""
+    if _fusable(x, weight, bias):
         if gelu:
-            return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "gelu", [], "none")
-        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    y = F.linear(x, weight, bias)
+    return F.gelu(y) if gelu else y
+
+
+def linear(x: Tensor, layer: nn.Module, gelu: bool = False) -> Tensor:
+    """``layer(x)`` (then exact GELU if ``gelu``); an exact ``nn.Linear`` (or a ``Linear`` subclass that
+    only renames it, like MultiheadAttention's ``out_proj``) with no hooks goes through :func:`linear_wb`."""
+    if type(layer) in _PLAIN_LINEARS and not layer._forward_hooks and not layer._forward_pre_hooks:
+        return linear_wb(x, layer.weight, layer.bias, gelu)
     y = layer(x)
     return F.gelu(y) if gelu else y
+
+
+_PLAIN_LINEARS = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
 
 
 def plain_gelu_mlp(mlp: nn.Module) -> bool:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from mmfast import tome as T
+from mmfast.ops import linear as L
 from mmfast.ops import tome as MT
 from mmfast.reference.tome import parse_r
 
@@ -34,18 +35,27 @@ def tome_mha(mha: nn.MultiheadAttention, x: Tensor, size: Tensor | None, prop_at
     """Batch-first self-attention with ``mha``'s weights: ``(output [B, N, C], metric [B, N, head_dim])``."""
     b, n, c = x.shape
     heads = mha.num_heads
-    qkv_flat = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
+    qkv_flat = L.linear_wb(x, mha.in_proj_weight, mha.in_proj_bias)
     bias = T.attention_bias(size, prop_attn, qkv_flat.dtype)
     if not (mha.training and mha.dropout > 0):
         out = MT.fused_attention_or_none(qkv_flat, None if bias is None else bias.reshape(b, n), heads,
                                          (c // heads) ** -0.5)
         if out is not None:
             metric = qkv_flat.view(b, n, 3, heads, -1)[:, :, 1].mean(dim=2)
-            return F.linear(out, mha.out_proj.weight, mha.out_proj.bias), metric
+            return L.linear(out, mha.out_proj), metric
     q, k, v = qkv_flat.reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=mha.dropout if mha.training else 0.0)
-    out = F.linear(out.transpose(1, 2).reshape(b, n, c), mha.out_proj.weight, mha.out_proj.bias)
+    out = L.linear(out.transpose(1, 2).reshape(b, n, c), mha.out_proj)
     return out, k.mean(dim=1)
+
+
+def _mlp(mlp: nn.Module, x: Tensor) -> Tensor:
+    """open_clip's ``c_fc -> GELU -> c_proj`` MLP, fc + exact GELU fused by oneDNN on CPU inference."""
+    names = list(getattr(mlp, "_modules", {}))
+    if (type(mlp) is nn.Sequential and names == ["c_fc", "gelu", "c_proj"] and type(mlp.gelu) is nn.GELU
+            and mlp.gelu.approximate == "none" and not mlp._forward_hooks and not mlp._forward_pre_hooks):
+        return L.linear(L.linear(x, mlp.c_fc, gelu=True), mlp.c_proj)
+    return mlp(x)
 
 
 class ToMeResidualAttentionBlockMixin:
@@ -84,7 +94,7 @@ class ToMeResidualAttentionBlockMixin:
         y, metric = tome_mha(self.attn, self.ln_1(x), size, prop_attn)
         x = x + self.ls_1(y)
         x, size, source = T.merge_tokens(x, metric, r, size, source, num_prefix_tokens, trace_source)
-        x = x + self.ls_2(self.mlp(self.ln_2(x)))
+        x = x + self.ls_2(_mlp(self.mlp, self.ln_2(x)))
         return x, size, source
 
 

@@ -1,8 +1,9 @@
-// Register-blocked small GEMM on at::vec, shared by the CPU attention kernels (window attention,
+// Register-blocked small GEMM on at::vec and element conversions, shared by the CPU attention kernels (window attention,
 // ToMe proportional attention). Header-only; every function is inline.
 #pragma once
 
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/Half.h>
 
 #include <cstdint>
 
@@ -44,33 +45,48 @@ inline void gemm_rows(int64_t nvec, int64_t K, const T* A, int64_t sam, int64_t 
   if (v < nvec) gemm_block<T, MR, 1>(K, A, sam, sak, B + v * kW, ldb, C + v * kW, ldc, accumulate);
 }
 
+// The last rows (fewer than 6): one register block of exactly `rows` rows.
+template <typename T, int MR>
+inline void gemm_tail(int64_t rows, int64_t nvec, int64_t K, const T* A, int64_t sam, int64_t sak, const T* B,
+                      int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+  if constexpr (MR > 0) {
+    if (rows == MR) {
+      gemm_rows<T, MR>(nvec, K, A, sam, sak, B, ldb, C, ldc, accumulate);
+    } else {
+      gemm_tail<T, MR - 1>(rows, nvec, K, A, sam, sak, B, ldb, C, ldc, accumulate);
+    }
+  }
+}
+
 template <typename T>
-inline void small_gemm(int64_t M, int64_t ncols, int64_t K, const T* A, int64_t sam, int64_t sak, const T* B, int64_t ldb,
-                T* C, int64_t ldc, bool accumulate = false) {
+inline void small_gemm(int64_t M, int64_t ncols, int64_t K, const T* A, int64_t sam, int64_t sak, const T* B,
+                       int64_t ldb, T* C, int64_t ldc, bool accumulate = false) {
   constexpr int64_t kW = at::vec::Vectorized<T>::size();
   const int64_t nvec = (ncols + kW - 1) / kW;
   int64_t m = 0;
   // 6 rows x 2 vectors: 12 accumulators + 2 B vectors + 1 broadcast fit the 16 AVX2 registers.
   for (; m + 6 <= M; m += 6) gemm_rows<T, 6>(nvec, K, A + m * sam, sam, sak, B, ldb, C + m * ldc, ldc, accumulate);
-  switch (M - m) {
-    case 5:
-      gemm_rows<T, 5>(nvec, K, A + m * sam, sam, sak, B, ldb, C + m * ldc, ldc, accumulate);
-      break;
-    case 4:
-      gemm_rows<T, 4>(nvec, K, A + m * sam, sam, sak, B, ldb, C + m * ldc, ldc, accumulate);
-      break;
-    case 3:
-      gemm_rows<T, 3>(nvec, K, A + m * sam, sam, sak, B, ldb, C + m * ldc, ldc, accumulate);
-      break;
-    case 2:
-      gemm_rows<T, 2>(nvec, K, A + m * sam, sam, sak, B, ldb, C + m * ldc, ldc, accumulate);
-      break;
-    case 1:
-      gemm_rows<T, 1>(nvec, K, A + m * sam, sam, sak, B, ldb, C + m * ldc, ldc, accumulate);
-      break;
-    default:
-      break;
-  }
+  gemm_tail<T, 5>(M - m, nvec, K, A + m * sam, sam, sak, B, ldb, C + m * ldc, ldc, accumulate);
+}
+
+// Element conversions to and from the compute type. at::Half's own float conversions use F16C
+// intrinsics, which the build's -mavx2 -mfma flags do not enable; c10's portable bit conversions are
+// used instead.
+template <typename T, typename S>
+inline T to_compute(S v) {
+  return static_cast<T>(v);
+}
+template <>
+inline float to_compute<float, at::Half>(at::Half v) {
+  return c10::detail::fp16_ieee_to_fp32_value(v.x);
+}
+template <typename S, typename T>
+inline S from_compute(T v) {
+  return static_cast<S>(v);
+}
+template <>
+inline at::Half from_compute<at::Half, float>(float v) {
+  return at::Half(c10::detail::fp16_ieee_from_fp32_value(v), at::Half::from_bits());
 }
 
 }  // namespace cpu

@@ -39,25 +39,6 @@ using at::Tensor;
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// Conversions that avoid at::Half's F16C path (the build's -mavx2 -mfma flags do not imply -mf16c
-// everywhere it is used): c10's portable bit conversions.
-template <typename T, typename S>
-inline T to_t(S v) {
-  return static_cast<T>(v);
-}
-template <>
-inline float to_t<float, at::Half>(at::Half v) {
-  return c10::detail::fp16_ieee_to_fp32_value(v.x);
-}
-template <typename S, typename T>
-inline S from_t(T v) {
-  return static_cast<S>(v);
-}
-template <>
-inline at::Half from_t<at::Half, float>(float v) {
-  return at::Half(c10::detail::fp16_ieee_from_fp32_value(v), at::Half::from_bits());
-}
-
 // Softmax of row[0:ld] in place; columns >= n hold -inf (exp gives 0). Returns nothing: row holds P.
 template <typename T>
 inline void softmax_row(T* row, int64_t ld) {
@@ -118,9 +99,9 @@ void tome_attention_kernel(const Tensor& qkv, const Tensor& log_size, int64_t H,
         const S* k = row + C + h * D;
         const S* v = row + 2 * C + h * D;
         // q * scale rounded in the input type, as (q * scale) in the explicit path
-        for (int64_t d = 0; d < D; ++d) qs[i * D + d] = to_t<T>(from_t<S>(to_t<T>(q[d]) * tscale));
-        for (int64_t d = 0; d < D; ++d) kt[d * ldN + i] = to_t<T>(k[d]);
-        for (int64_t d = 0; d < D; ++d) vp[i * ldD + d] = to_t<T>(v[d]);
+        for (int64_t d = 0; d < D; ++d) qs[i * D + d] = cpu::to_compute<T>(cpu::from_compute<S>(cpu::to_compute<T>(q[d]) * tscale));
+        for (int64_t d = 0; d < D; ++d) kt[d * ldN + i] = cpu::to_compute<T>(k[d]);
+        for (int64_t d = 0; d < D; ++d) vp[i * ldD + d] = cpu::to_compute<T>(v[d]);
       }
       cpu::small_gemm<T>(N, N, D, qs, D, 1, kt, ldN, lg, ldN);
       for (int64_t i = 0; i < N; ++i) {
@@ -131,7 +112,7 @@ void tome_attention_kernel(const Tensor& qkv, const Tensor& log_size, int64_t H,
       cpu::small_gemm<T>(N, D, N, lg, ldN, 1, vp, ldD, ob, ldD);
       S* o = obase + b * N * C + h * D;
       for (int64_t i = 0; i < N; ++i)
-        for (int64_t d = 0; d < D; ++d) o[i * C + d] = from_t<S>(ob[i * ldD + d]);
+        for (int64_t d = 0; d < D; ++d) o[i * C + d] = cpu::from_compute<S>(ob[i * ldD + d]);
     }
   });
 }

@@ -161,24 +161,8 @@ struct Strided5 {
   }
 };
 
-// Element conversions. at::Half's own float conversions use F16C intrinsics, which the build's
-// -mavx2 -mfma flags do not enable; c10's portable bit conversions are used instead.
-template <typename T, typename S>
-inline T to_compute(S v) {
-  return static_cast<T>(v);
-}
-template <>
-inline float to_compute<float, at::Half>(at::Half v) {
-  return c10::detail::fp16_ieee_to_fp32_value(v.x);
-}
-template <typename S, typename T>
-inline S from_compute(T v) {
-  return static_cast<S>(v);
-}
-template <>
-inline at::Half from_compute<at::Half, float>(float v) {
-  return at::Half(c10::detail::fp16_ieee_from_fp32_value(v), at::Half::from_bits());
-}
+using cpu::from_compute;
+using cpu::to_compute;
 
 template <typename S, typename T>
 inline void load_row(const S* src, int64_t stride, int64_t n, T* dst) {

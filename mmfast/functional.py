@@ -11,6 +11,7 @@ from torch import Tensor
 from mmfast.ops.registry import BACKENDS
 
 __all__ = ["clip_loss", "siglip_loss", "window_attention", "bipartite_soft_matching", "merge_wavg", "merge_source",
+           "proportional_attention",
            "window_partition", "window_unpartition"]
 
 SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
@@ -268,3 +269,15 @@ def merge_source(merge, x: Tensor, source: Tensor | None = None) -> Tensor:
     from mmfast.ops.tome import merge_source as _ms
 
     return _ms(merge, x, source)
+
+
+def proportional_attention(qkv: Tensor, log_size: Tensor | None, num_heads: int, scale: float | None = None,
+                           impl: str | None = None) -> Tensor:
+    """ToMe's proportional attention from a fused qkv projection output ``[B, N, 3 * C]`` (last dim
+    laid out ``[3, heads, head_dim]``) with the ``[B, N]`` key bias ``log_size`` (or ``None``):
+    ``softmax((q * scale) @ k^T + log_size) @ v``, heads concatenated, ``[B, N, C]``. On CPU, when
+    no gradient is needed, one C++ kernel (no q/k/v copies, no mask tensor); otherwise the
+    differentiable torch path. ``impl``: ``"cpp"`` or ``"reference"`` to force one."""
+    from mmfast.ops.tome import proportional_attention as _pa
+
+    return _pa(qkv, log_size, num_heads, scale=scale, impl=None if impl == "auto" else impl)

@@ -568,10 +568,13 @@ def test_proportional_attention_dispatch_and_grad_fallback():
     from mmfast.ops import tome as mt
 
     qkv, ls = _attn_inputs(2, 11, 2, 8, torch.float32)
+    from mmfast import functional as MF
+
     with torch.no_grad():
         assert mt.ATTENTION.select(qkv.device, None, qkv, ls, 2) == "cpp"
         want = torch.ops.mmfast.tome_attention(qkv, ls, 2, 8 ** -0.5)
-        assert torch.equal(mt.proportional_attention(qkv, ls, 2), want)
+        assert torch.equal(MF.proportional_attention(qkv, ls, 2), want)
+        assert torch.equal(MF.proportional_attention(qkv, ls, 2, impl="reference"), _attn_ref(qkv, ls, 2, 8 ** -0.5))
     leaf = qkv.clone().requires_grad_()
     # auto: the kernel has no backward, so a differentiable call takes the torch path (gradients flow)
     out = mt.proportional_attention(leaf, ls, 2)

@@ -63,6 +63,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ._device import on_tensor_device
+
 try:
     import triton
     import triton.language as tl
@@ -412,11 +414,15 @@ def default_config(kind: str, a: torch.Tensor) -> ContrastiveConfig:
         return ContrastiveConfig(16, 16, 16, 16, 1, 1, target_programs=4, max_splits=3)
     programs = 2 * _sm_count(a.device.index if a.device.index is not None else torch.cuda.current_device())
     wide = a.dtype == torch.float32  # fp32 tiles take twice the shared memory per pipeline stage
+    # Single-chunk D limit: fp32 dots run as tf32x3, which stages the high and low halves of both
+    # operands in shared memory; a 128-wide fp32 D chunk needs 262-328 KB there, over the H200's
+    # 227 KB (compiled for sm_90a and measured offline), so fp32 takes single chunks up to D = 64.
+    single = 64 if wide else 128
     if kind == "fwd":
         # 128 x 128 tiles: 2 exp per logit (row and column softmax) against 2*D MMA flops
-        return ContrastiveConfig(128, 128, 32 if wide else 64, 128, 8, 2 if wide else 3, programs, 0)
+        return ContrastiveConfig(128, 128, 32 if wide else 64, single, 8, 2 if wide else 3, programs, 0)
     # 64 x 128: the backward holds the logit tile, G, and (single chunk) a 64 x D accumulator
-    return ContrastiveConfig(64, 128, 32 if wide else 64, 128, 8, 2 if wide else 3, programs, 8)
+    return ContrastiveConfig(64, 128, 32 if wide else 64, single, 8, 2 if wide else 3, programs, 8)
 
 
 def _d_block(cfg: ContrastiveConfig, D: int) -> tuple[int, bool]:
@@ -528,6 +534,7 @@ def _upcast(dtype: torch.dtype) -> bool:
 # ============================================================================================ launchers
 
 
+@on_tensor_device
 def softmax_fwd(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -610,6 +617,7 @@ def _grad_pass(
     return dx, sums
 
 
+@on_tensor_device
 def softmax_bwd(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -646,6 +654,7 @@ def softmax_bwd(
     return da, db
 
 
+@on_tensor_device
 def sigmoid_fwd(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -673,6 +682,7 @@ def sigmoid_fwd(
     return part[0] if splits == 1 else part.sum(0)
 
 
+@on_tensor_device
 def sigmoid_bwd(
     a: torch.Tensor,
     b: torch.Tensor,

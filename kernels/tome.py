@@ -43,6 +43,8 @@ import torch
 from mmfast import _ext
 from mmfast.reference.tome import MERGE_MODES, effective_r
 
+from ._device import on_tensor_device
+
 try:
     import triton
     import triton.language as tl
@@ -517,6 +519,7 @@ def _next_pow2(v: int) -> int:
 # ----------------------------------------------------------------------------------------------------
 
 
+@on_tensor_device
 def tome_match(
     metric: torch.Tensor, r: int, class_token: bool = False, distill_token: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -627,6 +630,7 @@ def _launch_merge(
     return out, size_out
 
 
+@on_tensor_device
 def tome_merge_wavg(
     x: torch.Tensor,
     size: torch.Tensor | None,
@@ -654,6 +658,7 @@ def tome_merge_wavg(
     return out, size_out.to(size_dtype)
 
 
+@on_tensor_device
 def tome_merge(
     x: torch.Tensor, unm_idx: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor, mode: str = "mean"
 ) -> torch.Tensor:
@@ -670,6 +675,7 @@ def tome_merge(
     return _launch_merge(x, None, unm_idx, src_idx, dst_idx, _MODE_IDS[mode], x.dtype)[0]
 
 
+@on_tensor_device
 def tome_merge_wavg_bwd(
     grad_x_out: torch.Tensor,
     grad_size_out: torch.Tensor | None,

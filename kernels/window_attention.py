@@ -63,6 +63,8 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor
 
+from ._device import on_tensor_device
+
 try:
     import triton
     import triton.language as tl
@@ -673,6 +675,7 @@ def _token_block(n: int, block_d: int, *, backward: bool) -> tuple[int, int]:
     return block, -(-n // block)
 
 
+@on_tensor_device
 def window_attention_fwd(
     q: Tensor,
     k: Tensor,
@@ -725,6 +728,7 @@ def _windows_per_program(n_windows: int, programs_per_window: int) -> int:
     return max(1, min(_MAX_GROUP, n_windows * programs_per_window // _TARGET_PROGRAMS))
 
 
+@on_tensor_device
 def window_attention_bwd(
     dout: Tensor,
     q: Tensor,

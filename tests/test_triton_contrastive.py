@@ -321,9 +321,10 @@ def test_no_m_by_n_allocation(monkeypatch, M, N, D):
 
         monkeypatch.setattr(torch, fname, spy)
     a, b, s, bias = make_inputs(M, N, D, 1.0, True)
+    # GPU default tiles (128) would cover these sizes with one program and no partials: small tiles
+    cfg = tc.default_config("fwd", a) if INTERPRET else tc.ContrastiveConfig(16, 16, 16, 16, 1, 1, 4, 3)
     sizes.clear()
-    out = tc.softmax_fwd(a, b, s, bias)
-    cfg = tc.default_config("fwd", a)
+    out = tc.softmax_fwd(a, b, s, bias, config=cfg)
     assert sum(sizes) == 2 * (M + N) + tc.softmax_fwd_scratch_numel(M, N, cfg)
     assert tc.softmax_fwd_scratch_numel(M, N, cfg) > 0  # the partial paths ran
     assert max(sizes) < M * N
@@ -491,3 +492,26 @@ def test_gpu_clip_sizes(dtype):
         check(o, lw, h, nm)
     sums = tc.sigmoid_fwd(a, b, s, bias)
     check(sums, ref_sigmoid_fwd(a, b, s, bias, dtype), ref_sigmoid_fwd(a, b, s, bias, torch.float64), "sums")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("D", [96, 128])
+def test_gpu_persistent_rows_and_fp32_single_chunk(dtype, D):
+    """Paths the GPU default tiles leave unexercised at small sizes: a persistent forward with
+    several row blocks per program (few programs, M ~ 1000: the barrier-protected column partial
+    read-modify-write), and fp32 D in (64, 128] (must take multi-chunk tiles that fit in shared
+    memory, see default_config)."""
+    if INTERPRET:
+        pytest.skip("GPU sizes are too slow for the interpreter")
+    import dataclasses
+
+    M, N = 1000, 777
+    a, b, s, bias = make_inputs(M, N, D, 30.0, True, dtype=dtype)
+    cfg = dataclasses.replace(tc.default_config("fwd", a), target_programs=4)
+    hi = ref_softmax_fwd(a, b, s, bias, torch.float64)
+    lo = ref_softmax_fwd(a.to(DEV), b.to(DEV), s, bias, dtype)
+    for config in (cfg, None):
+        out = tc.softmax_fwd(a, b, s, bias, config=config)
+        for o, h, lw, nm in zip(out, hi, lo, ("row_lse", "row_mean", "col_lse", "col_mean")):
+            check(o, lw.cpu(), h, f"{nm} target_programs={'4' if config else 'default'}")

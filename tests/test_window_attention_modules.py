@@ -252,15 +252,19 @@ def test_functional_backends_through_custom_op(impl, cosine):
     pad = torch.randn(3, heads, hd, dtype=torch.float64)
     ls = torch.tensor([3.0, 7.0], dtype=torch.float64) if cosine else None
 
+    # the Triton kernels take CUDA tensors on a GPU host, CPU tensors under the interpreter
+    dev = "cuda" if impl == "triton" and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
     def run(backend, dtype):
-        leaves = [t.detach().to(dtype).requires_grad_() for t in (qkv, table, pad)]
-        lsd = ls.to(dtype).requires_grad_() if ls is not None else None
+        d = dev if backend == impl else "cpu"
+        leaves = [t.detach().to(d, dtype).requires_grad_() for t in (qkv, table, pad)]
+        lsd = ls.to(d, dtype).requires_grad_() if ls is not None else None
         q, k, v = leaves[0].unbind(3)
         out = mmfast.functional.window_attention(q, k, v, window_size=win, shift_size=shift, rel_pos_bias=leaves[1],
                                                  pad_value=leaves[2], logit_scale=lsd, impl=backend)
-        g = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view(out.shape).to(dtype)
+        g = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view(out.shape).to(d, dtype)
         grads = torch.autograd.grad((out * g).sum(), leaves + ([lsd] if lsd is not None else []))
-        return [out] + list(grads)
+        return [t.cpu() for t in [out, *grads]]
 
     want = run("reference", torch.float64)
     low = run("reference", torch.float32)

@@ -90,4 +90,8 @@ TORCH_LIBRARY(mmfast, m) {
   m.def(
       "contrastive_sigmoid_bwd(Tensor a, Tensor b, Tensor scale, Tensor? bias, Tensor row_w) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Both in one pass: (row sums of softplus(l_ij), da, db, dscale, dbias) for row weights row_w.
+  m.def(
+      "contrastive_sigmoid_fwd_bwd(Tensor a, Tensor b, Tensor scale, Tensor? bias, Tensor row_w) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -170,9 +170,9 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tens
     scale, bias, group_size, backend = _prepare(image_features, text_features, logit_scale, logit_bias, rank,
                                                 world_size, group, group_size, impl)
     if world_size == 1:
-        from mmfast.ops.contrastive_loss import siglip_loss_fwd
+        from mmfast.ops.contrastive_loss import siglip_loss
 
-        loss = siglip_loss_fwd(image_features, text_features, scale, bias, backend)
+        loss = siglip_loss(image_features, text_features, scale, bias, backend)
     else:
         from mmfast.distributed.contrastive import siglip_loss_distributed
 

@@ -217,3 +217,65 @@ def test_triton_backend_through_the_loss(kind):
             assert x.abs().item() == 0.0
             continue
         assert_accuracy(x, y, z, name=f"{kind} triton {name}")
+
+
+# ------------------------------------------------------------------------------------------------
+# SigLIP W=1: forward and gradients in one tile pass when gradients are wanted
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.mmfast, "contrastive_sigmoid_fwd_bwd"), reason="no C++ fused pass")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("m,n,d", [(1, 1, 8), (7, 5, 19), (64, 1100, 33)])
+def test_cpp_sigmoid_fwd_bwd_equals_fwd_then_bwd(dtype, m, n, d):
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(m, d, generator=g, dtype=dtype), torch.randn(n, d, generator=g, dtype=dtype)
+    s, bias = torch.tensor(7.0, dtype=dtype), torch.tensor(-3.0, dtype=dtype)
+    w = torch.rand(m, generator=g, dtype=dtype)
+    fused = torch.ops.mmfast.contrastive_sigmoid_fwd_bwd(a, b, s, bias, w)
+    want = (torch.ops.mmfast.contrastive_sigmoid_fwd(a, b, s, bias),
+            *torch.ops.mmfast.contrastive_sigmoid_bwd(a, b, s, bias, w))
+    for x, y, name in zip(fused, want, ("rowsum", "da", "db", "dscale", "dbias")):
+        assert torch.equal(x, y), f"{name}: the fused pass must do the same arithmetic as forward + backward"
+    torch.library.opcheck(torch.ops.mmfast.contrastive_sigmoid_fwd_bwd.default, (a, b, s, bias, w),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_siglip_fused_forward_gradients_equal_separate_backward(monkeypatch, impl, with_bias):
+    from mmfast.ops import contrastive_loss as cl
+
+    i, t, s, b = _inputs(37, 24, dtype=torch.float32, scale=10.0, bias=-5.0, seed=3)
+    b = b if with_bias else None
+    calls = []
+    real = cl.siglip_loss_fwd_grad
+    monkeypatch.setattr(cl, "siglip_loss_fwd_grad", lambda *a: calls.append(1) or real(*a))
+    leaves = [x.clone().requires_grad_() for x in (i, t, s)] + ([b.clone().requires_grad_()] if with_bias else [])
+    loss = mmfast.functional.siglip_loss(*leaves[:3], leaves[3] if with_bias else None, impl=impl)
+    assert calls == [1], "a differentiable call runs the fused forward + gradient op"
+    got = torch.autograd.grad(loss * 3.7, leaves)
+    # the separate backward: forward op, then backward op with the upstream gradient inside
+    sep = [x.clone().requires_grad_() for x in leaves]
+    loss2 = cl.siglip_loss_fwd(sep[0], sep[1], sep[2], sep[3] if with_bias else None, impl)
+    assert torch.equal(loss.detach(), loss2.detach())
+    want = torch.autograd.grad(loss2 * 3.7, sep)
+    for x, y in zip(got, want):
+        # the upstream 3.7 applied after (fused) vs inside (separate) the tile sums: a few ulps of the magnitude
+        torch.testing.assert_close(x, y, rtol=0, atol=8 * torch.finfo(torch.float32).eps * y.abs().max().item())
+    with torch.no_grad():
+        calls.clear()
+        mmfast.functional.siglip_loss(*leaves[:3], leaves[3] if with_bias else None, impl=impl)
+        assert not calls, "without gradients only the forward runs"
+
+
+def test_siglip_fused_forward_gradient_dtypes_and_opcheck():
+    from mmfast.ops import contrastive_loss as cl
+
+    i, t, s, b = _inputs(9, 16, dtype=torch.float32, seed=4)
+    leaves = [i.bfloat16().requires_grad_(), t.bfloat16().requires_grad_(), s.requires_grad_(), b.requires_grad_()]
+    loss = mmfast.functional.siglip_loss(*leaves)
+    assert loss.dtype == torch.float32
+    grads = torch.autograd.grad(loss, leaves)
+    assert [g.dtype for g in grads] == [torch.bfloat16, torch.bfloat16, torch.float32, torch.float32]
+    args = (i, t, s.detach(), b.detach(), "cpp" if _ext.has_cpp() else "reference")
+    torch.library.opcheck(cl.siglip_loss_fwd_grad, args, test_utils=("test_schema", "test_faketensor"))

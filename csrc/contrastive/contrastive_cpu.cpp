@@ -329,17 +329,21 @@ Tensor sigmoid_fwd_cpu(const Tensor& a_in, const Tensor& b_in, const Tensor& sca
   });
 }
 
-template <typename T>
-std::tuple<Tensor, Tensor, Tensor, Tensor> sigmoid_bwd_impl(const Tensor& a, const Tensor& b, T alpha, T beta,
-                                                            const Tensor& row_w) {
+// The backward's tile pass; with kWithLoss it also sums softplus(alpha * a.b + beta) per row, i.e. the
+// forward's row sums (one GEMM and one pass over the logits fewer than forward + backward).
+template <typename T, bool kWithLoss>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sigmoid_grad_pass(const Tensor& a, const Tensor& b, T alpha, T beta,
+                                                                     const Tensor& row_w) {
   using Vec = at::vec::Vectorized<T>;
   const int64_t M = a.size(0), N = b.size(0);
   Tensor da = at::zeros_like(a), db = at::zeros_like(b);
   Tensor tile = at::empty({std::min(M, kTileM), std::min(N, kTileN)}, a.options());
   // Per-row partial sums of G * <a, b> and of G, combined in a fixed order (deterministic).
   Tensor dot_acc = at::zeros({M}, a.options()), g_acc = at::zeros({M}, a.options());
+  Tensor sp_acc = kWithLoss ? at::zeros({M}, a.options()) : Tensor();
   T* pd = dot_acc.data_ptr<T>();
   T* pg = g_acc.data_ptr<T>();
+  T* ps = kWithLoss ? sp_acc.data_ptr<T>() : nullptr;
   const T* w = row_w.data_ptr<T>();
   const int64_t ld = tile.size(1);
   for (int64_t i0 = 0; i0 < M; i0 += kTileM) {
@@ -352,16 +356,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> sigmoid_bwd_impl(const Tensor& a, con
       at::mm_out(t, a_blk, b_blk.t());
       T* base = tile.data_ptr<T>();
       at::parallel_for(0, tm, 16, [&](int64_t r0, int64_t r1) {
-        const Vec va(alpha), vb(beta), one(1);
+        const Vec va(alpha), vb(beta), one(1), zero(0);
         for (int64_t r = r0; r < r1; ++r) {
           T* g = base + r * ld;
           const T wr = w[i0 + r];
           const Vec vw(wr);
-          Vec vd(0), vg(0);
+          Vec vd(0), vg(0), vs(0);
           int64_t j = 0;
           for (; j + Vec::size() <= tn; j += Vec::size()) {
             Vec dot = Vec::loadu(g + j);
             Vec x = dot * va + vb;
+            if constexpr (kWithLoss) vs = vs + at::vec::maximum(x, zero) + (zero - x.abs()).exp().log1p();
             Vec sig = one / (one + x.neg().exp());
             Vec gw = vw * sig;
             vd = vd + gw * dot;
@@ -370,8 +375,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> sigmoid_bwd_impl(const Tensor& a, con
           }
           T sd = at::vec::vec_reduce_all<T>([](Vec& x, Vec& y) { return x + y; }, vd);
           T sg = at::vec::vec_reduce_all<T>([](Vec& x, Vec& y) { return x + y; }, vg);
+          T ss = kWithLoss ? at::vec::vec_reduce_all<T>([](Vec& x, Vec& y) { return x + y; }, vs) : T(0);
           for (; j < tn; ++j) {
             const T dot = g[j];
+            if constexpr (kWithLoss) ss += softplus(dot * alpha + beta);
             const T gw = wr / (T(1) + std::exp(-(dot * alpha + beta)));
             sd += gw * dot;
             sg += gw;
@@ -379,13 +386,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> sigmoid_bwd_impl(const Tensor& a, con
           }
           pd[i0 + r] += sd;
           pg[i0 + r] += sg;
+          if constexpr (kWithLoss) ps[i0 + r] += ss;
         }
       });
       da.narrow(0, i0, tm).addmm_(t, b_blk, 1, alpha);
       db.narrow(0, j0, tn).addmm_(t.t(), a_blk, 1, alpha);
     }
   }
-  return {da, db, dot_acc.sum(), g_acc.sum()};
+  return {da, db, dot_acc.sum(), g_acc.sum(), sp_acc};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> sigmoid_bwd_cpu(const Tensor& a_in, const Tensor& b_in, const Tensor& scale,
@@ -396,7 +404,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> sigmoid_bwd_cpu(const Tensor& a_in, c
   Tensor w = weights_as(row_w, a.size(0), ct, "row_w");
   const double alpha = scalar_value(scale, "scale"), beta = bias_value(bias);
   return AT_DISPATCH_FLOATING_TYPES(ct, "contrastive_sigmoid_bwd", [&] {
-    return sigmoid_bwd_impl<scalar_t>(a, b, static_cast<scalar_t>(alpha), static_cast<scalar_t>(beta), w);
+    auto r = sigmoid_grad_pass<scalar_t, false>(a, b, static_cast<scalar_t>(alpha), static_cast<scalar_t>(beta), w);
+    return std::make_tuple(std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r));
+  });
+}
+
+// Forward and gradient in one tile pass: (softplus row sums, da, db, sum G * a.b, sum G) with row weights
+// row_w, i.e. sigmoid_fwd's output and sigmoid_bwd's outputs together.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sigmoid_fwd_bwd_cpu(const Tensor& a_in, const Tensor& b_in,
+                                                                       const Tensor& scale,
+                                                                       const std::optional<Tensor>& bias,
+                                                                       const Tensor& row_w) {
+  check_features(a_in, b_in);
+  const auto ct = compute_type(a_in);
+  Tensor a = a_in.to(ct).contiguous(), b = b_in.to(ct).contiguous();
+  Tensor w = weights_as(row_w, a.size(0), ct, "row_w");
+  const double alpha = scalar_value(scale, "scale"), beta = bias_value(bias);
+  return AT_DISPATCH_FLOATING_TYPES(ct, "contrastive_sigmoid_fwd_bwd", [&] {
+    auto r = sigmoid_grad_pass<scalar_t, true>(a, b, static_cast<scalar_t>(alpha), static_cast<scalar_t>(beta), w);
+    return std::make_tuple(std::get<4>(r), std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r));
   });
 }
 
@@ -407,6 +433,7 @@ TORCH_LIBRARY_IMPL(mmfast, CPU, m) {
   m.impl("contrastive_softmax_bwd", &softmax_bwd_cpu);
   m.impl("contrastive_sigmoid_fwd", &sigmoid_fwd_cpu);
   m.impl("contrastive_sigmoid_bwd", &sigmoid_bwd_cpu);
+  m.impl("contrastive_sigmoid_fwd_bwd", &sigmoid_fwd_bwd_cpu);
 }
 
 }  // namespace mmfast

@@ -37,12 +37,8 @@ GRAD_NAMES = ("dq", "dk", "dv", "d_rel_pos_bias", "d_logit_scale", "d_pad_value"
 
 
 @pytest.fixture(autouse=True)
-def _few_threads():
-    """Shapes are small and CI cores shared: two threads at most."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(threads, 2))
-    yield
-    torch.set_num_threads(threads)
+def _few_threads(at_most_two_threads):
+    """Shapes are small and CI cores shared: two threads at most (conftest's at_most_two_threads)."""
 
 
 # ----------------------------------------------------------------------------------------------

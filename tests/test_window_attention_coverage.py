@@ -44,11 +44,8 @@ GRAD_NAMES = ("dq", "dk", "dv", "d_rel_pos_bias", "d_logit_scale", "d_pad_value"
 
 
 @pytest.fixture(autouse=True)
-def _two_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(threads, 2))
-    yield
-    torch.set_num_threads(threads)
+def _two_threads(at_most_two_threads):
+    """Shapes are small and CI cores shared: two threads at most (conftest's at_most_two_threads)."""
 
 
 @pytest.fixture

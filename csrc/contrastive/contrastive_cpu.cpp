@@ -396,17 +396,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sigmoid_grad_pass(const Tenso
   return {da, db, dot_acc.sum(), g_acc.sum(), sp_acc};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> sigmoid_bwd_cpu(const Tensor& a_in, const Tensor& b_in, const Tensor& scale,
-                                                           const std::optional<Tensor>& bias, const Tensor& row_w) {
+// Argument preparation and dtype dispatch of sigmoid_grad_pass: (da, db, sum G * a.b, sum G, softplus row
+// sums when kWithLoss).
+template <bool kWithLoss>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sigmoid_grad_cpu(const Tensor& a_in, const Tensor& b_in,
+                                                                    const Tensor& scale,
+                                                                    const std::optional<Tensor>& bias,
+                                                                    const Tensor& row_w) {
   check_features(a_in, b_in);
   const auto ct = compute_type(a_in);
   Tensor a = a_in.to(ct).contiguous(), b = b_in.to(ct).contiguous();
   Tensor w = weights_as(row_w, a.size(0), ct, "row_w");
   const double alpha = scalar_value(scale, "scale"), beta = bias_value(bias);
-  return AT_DISPATCH_FLOATING_TYPES(ct, "contrastive_sigmoid_bwd", [&] {
-    auto r = sigmoid_grad_pass<scalar_t, false>(a, b, static_cast<scalar_t>(alpha), static_cast<scalar_t>(beta), w);
-    return std::make_tuple(std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r));
+  return AT_DISPATCH_FLOATING_TYPES(ct, "contrastive_sigmoid_grad", [&] {
+    return sigmoid_grad_pass<scalar_t, kWithLoss>(a, b, static_cast<scalar_t>(alpha), static_cast<scalar_t>(beta), w);
   });
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> sigmoid_bwd_cpu(const Tensor& a_in, const Tensor& b_in, const Tensor& scale,
+                                                           const std::optional<Tensor>& bias, const Tensor& row_w) {
+  auto [da, db, dscale, dbias, unused] =
+      sigmoid_grad_cpu<false>(a_in, b_in, scale, bias, row_w);
+  return {da, db, dscale, dbias};
 }
 
 // Forward and gradient in one tile pass: (softplus row sums, da, db, sum G * a.b, sum G) with row weights
@@ -415,15 +426,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sigmoid_fwd_bwd_cpu(const Ten
                                                                        const Tensor& scale,
                                                                        const std::optional<Tensor>& bias,
                                                                        const Tensor& row_w) {
-  check_features(a_in, b_in);
-  const auto ct = compute_type(a_in);
-  Tensor a = a_in.to(ct).contiguous(), b = b_in.to(ct).contiguous();
-  Tensor w = weights_as(row_w, a.size(0), ct, "row_w");
-  const double alpha = scalar_value(scale, "scale"), beta = bias_value(bias);
-  return AT_DISPATCH_FLOATING_TYPES(ct, "contrastive_sigmoid_fwd_bwd", [&] {
-    auto r = sigmoid_grad_pass<scalar_t, true>(a, b, static_cast<scalar_t>(alpha), static_cast<scalar_t>(beta), w);
-    return std::make_tuple(std::get<4>(r), std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r));
-  });
+  auto [da, db, dscale, dbias, rows] =
+      sigmoid_grad_cpu<true>(a_in, b_in, scale, bias, row_w);
+  return {rows, da, db, dscale, dbias};
 }
 
 }  // namespace

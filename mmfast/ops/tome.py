@@ -107,11 +107,15 @@ MERGE = register(OpSpec("tome_merge_wavg", impls={"cpp": _merge_cpp, "triton": _
 _MERGE_BWD = {"cpp": _merge_bwd_cpp, "triton": _merge_bwd_triton}
 
 
+def _needs_grad(qkv: Tensor, log_size: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and (qkv.requires_grad or (log_size is not None and log_size.requires_grad))
+
+
 def _attn_cpp_checks(qkv: Tensor, log_size: Tensor | None, num_heads: int) -> list[str]:
     reasons = _cpp_checks(qkv)
     if not _has("tome_attention"):
         reasons.append("this build of mmfast._C has no tome_attention kernel")
-    if torch.is_grad_enabled() and (qkv.requires_grad or (log_size is not None and log_size.requires_grad)):
+    if _needs_grad(qkv, log_size):
         reasons.append("the fused kernel has no backward (inference only) and these inputs require grad")
     return reasons
 
@@ -155,8 +159,7 @@ def proportional_attention(qkv: Tensor, log_size: Tensor | None, num_heads: int,
     if log_size is not None and (log_size.dim() != 2 or tuple(log_size.shape) != tuple(qkv.shape[:2])):
         raise ValueError(f"log_size must be [B, N] = {list(qkv.shape[:2])}, got {tuple(log_size.shape)}")
     scale = float(scale) if scale is not None else (qkv.shape[2] // (3 * num_heads)) ** -0.5
-    needs_grad = torch.is_grad_enabled() and (qkv.requires_grad or (log_size is not None and log_size.requires_grad))
-    if needs_grad and impl in (None, "auto"):
+    if _needs_grad(qkv, log_size) and impl in (None, "auto"):
         return _attn_reference(qkv, log_size, num_heads, scale)  # the differentiable path, by design
     backend = ATTENTION.select(qkv.device, impl, qkv, log_size, num_heads)
     return ATTENTION.impls[backend](qkv, log_size, num_heads, scale)
@@ -166,9 +169,7 @@ def fused_attention_or_none(qkv: Tensor, log_size: Tensor | None, num_heads: int
     """What the ToMe patches call: the C++ kernel's output when it applies to these inputs (CPU, no
     gradient needed, not forced to the reference by ``impl``/``use_backend``, kernel built), else
     ``None`` and the caller runs its own (SDPA or explicit) attention."""
-    if qkv.device.type != "cpu":
-        return None
-    if torch.is_grad_enabled() and (qkv.requires_grad or (log_size is not None and log_size.requires_grad)):
+    if qkv.device.type != "cpu" or _needs_grad(qkv, log_size):
         return None
     if ATTENTION.select(qkv.device, None, qkv, log_size, num_heads) == "reference":
         return None

@@ -15,6 +15,13 @@ __all__ = ["clip_loss", "siglip_loss", "window_attention", "bipartite_soft_match
            "window_partition", "window_unpartition"]
 
 SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
+EXCHANGES = ("auto", "gather", "ring")
+
+
+def check_exchange(exchange) -> None:
+    """Raise ValueError unless ``exchange`` is one of :data:`EXCHANGES`."""
+    if not isinstance(exchange, str) or exchange not in EXCHANGES:
+        raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
 
 
 def _as_scalar_tensor(value, name: str, like: Tensor) -> Tensor:
@@ -89,7 +96,7 @@ def _resolve(impl: str, image: Tensor, text: Tensor) -> str:
     return tiles.resolve_impl(image, text, None if impl == "auto" else impl)
 
 
-def _prepare(image, text, logit_scale, logit_bias, rank, world_size, group, group_size, impl):
+def _prepare(image, text, logit_scale, logit_bias, rank, world_size, group, group_size, impl, exchange):
     """Validate everything; (scale, bias, group_size, backend).
 
     With several ranks, a bad input on one rank is reported to the others through the size exchange
@@ -104,6 +111,7 @@ def _prepare(image, text, logit_scale, logit_bias, rank, world_size, group, grou
 
         get_layout(group, group_size)  # collective on first use: every rank, before anything can fail
     try:
+        check_exchange(exchange)
         _check_features(image, text)
         scale = _as_scalar_tensor(logit_scale, "logit_scale", image)
         bias = None if logit_bias is None else _as_scalar_tensor(logit_bias, "logit_bias", image)
@@ -121,8 +129,8 @@ def _prepare(image, text, logit_scale, logit_bias, rank, world_size, group, grou
 def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor | float,
               logit_bias: Tensor | float | None = None, *, local_loss: bool = False,
               gather_with_grad: bool = False, rank: int = 0, world_size: int = 1, group=None,
-              group_size: int | None = None, impl: str = "auto", output_dict: bool = False
-              ) -> Tensor | dict[str, Tensor]:
+              group_size: int | None = None, exchange: str = "auto", impl: str = "auto",
+              output_dict: bool = False) -> Tensor | dict[str, Tensor]:
     """CLIP's symmetric InfoNCE loss, exact, tiled (the B x (W*B) logits never exist).
 
     Args:
@@ -134,6 +142,11 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor
             value and the gradients on every rank equal open_clip's for every combination.
         group: process group (None = WORLD). group_size: ranks per all-gather group (must divide
             world_size; None = LOCAL_WORLD_SIZE from torchrun, else world_size).
+        exchange: "gather" (every rank gathers every text: fewest bytes, O(W*B*D) memory per rank),
+            "ring" (gather inside groups, ring between them: O(group_size*B*D + W*B) memory per rank,
+            1.5x the bytes) or "auto" (the ring when the gather would need more than the memory
+            budget of mmfast.distributed.contrastive.set_memory_budget, default 512 MiB).
+            The same on every rank; the loss and gradients are the same for each.
         impl: "auto", "cpp", "triton", "cuda" or "reference" (forces a backend).
         output_dict: return {"contrastive_loss": loss}.
     Returns:
@@ -141,7 +154,7 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor
         autocast; gradients come back in the features' dtype.
     """
     scale, bias, group_size, backend = _prepare(image_features, text_features, logit_scale, logit_bias, rank,
-                                                world_size, group, group_size, impl)
+                                                world_size, group, group_size, impl, exchange)
     if world_size == 1:
         from mmfast.ops.contrastive_loss import clip_loss_fwd
 
@@ -151,24 +164,26 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor
 
         loss = clip_loss_distributed(image_features, text_features, scale, bias, group=group,
                                      group_size=group_size, local_loss=local_loss,
-                                     gather_with_grad=gather_with_grad, impl=backend)
+                                     gather_with_grad=gather_with_grad, impl=backend, exchange=exchange)
     return {"contrastive_loss": loss} if output_dict else loss
 
 
 def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor | float,
                 logit_bias: Tensor | float | None, *, rank: int = 0, world_size: int = 1,
                 dist_impl: str | None = None, group=None, group_size: int | None = None,
-                impl: str = "auto", output_dict: bool = False) -> Tensor | dict[str, Tensor]:
+                exchange: str = "auto", impl: str = "auto", output_dict: bool = False
+                ) -> Tensor | dict[str, Tensor]:
     """SigLIP's pairwise sigmoid loss, exact and tiled: -sum log sigmoid(y_ij l_ij) / B_local.
 
     Same conventions as open_clip's SigLipLoss. ``dist_impl`` ("bidir", "shift", "reduce",
     "gather", None = "bidir") is accepted for compatibility: every choice gives the same value and
-    gradients as open_clip's, and mmfast always uses its grouped exchange.
+    gradients as open_clip's, and mmfast always uses its grouped exchange (``exchange``: as in
+    :func:`clip_loss`).
     """
     if dist_impl is not None and dist_impl not in SIGLIP_DIST_IMPLS:
         raise ValueError(f"dist_impl must be one of {SIGLIP_DIST_IMPLS} or None, got {dist_impl!r}")
     scale, bias, group_size, backend = _prepare(image_features, text_features, logit_scale, logit_bias, rank,
-                                                world_size, group, group_size, impl)
+                                                world_size, group, group_size, impl, exchange)
     if world_size == 1:
         from mmfast.ops.contrastive_loss import siglip_loss
 
@@ -177,7 +192,7 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tens
         from mmfast.distributed.contrastive import siglip_loss_distributed
 
         loss = siglip_loss_distributed(image_features, text_features, scale, bias, group=group,
-                                       group_size=group_size, impl=backend)
+                                       group_size=group_size, impl=backend, exchange=exchange)
     return {"contrastive_loss": loss} if output_dict else loss
 
 

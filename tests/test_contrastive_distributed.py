@@ -1,6 +1,7 @@
 """mmfast.ClipLoss / SigLipLoss across real gloo processes, against open_clip in the same
 processes (equal batch sizes) and against the in-process simulation of open_clip's per-rank
-semantics (unequal batch sizes, which open_clip cannot run)."""
+semantics (unequal batch sizes, which open_clip cannot run), for both exchange schemes ("gather"
+with every group size, "ring" with every group size that leaves more than one group)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,13 @@ def _max_rel(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-2)).item()
 
 
+def _schemes(world):
+    """(group_size, exchange) pairs worth running: gather for every group size, ring where there is
+    more than one group (with one group the ring is the gather)."""
+    gs = [g for g in range(1, world + 1) if world % g == 0]
+    return [(g, "gather") for g in gs] + [(g, "ring") for g in gs if g < world]
+
+
 def _vs_open_clip(rank, world, b, d, scale_v, with_bias, dtype_name):
     from open_clip.loss import ClipLoss, SigLipLoss
 
@@ -54,25 +62,27 @@ def _vs_open_clip(rank, world, b, d, scale_v, with_bias, dtype_name):
     scale = torch.tensor(scale_v, dtype=dtype)
     bias = torch.tensor(-3.0, dtype=dtype) if with_bias else None
     worst = {}
-    for gs in [g for g in range(1, world + 1) if world % g == 0]:
+    for gs, exchange in _schemes(world):
         for local_loss, gwg in itertools.product([False, True], repeat=2):
             ref = ClipLoss(local_loss=local_loss, gather_with_grad=gwg, rank=rank, world_size=world)
             ours = mmfast.ClipLoss(local_loss=local_loss, gather_with_grad=gwg, rank=rank, world_size=world,
-                                   group_size=gs)
+                                   group_size=gs, exchange=exchange)
             lr, gr = _grads(ref, image, text, scale, bias)
             lo, go = _grads(ours, image, text, scale, bias)
-            key = f"clip gs={gs} local={local_loss} gwg={gwg}"
+            key = f"clip gs={gs} {exchange} local={local_loss} gwg={gwg}"
             errs = [_max_rel(lo, lr)] + [_max_rel(x, y) for x, y in zip(go[:3], gr[:3])]
             if with_bias:  # d loss / d bias is 0 exactly; open_clip's is rounding noise
                 errs.append(go[3].abs().item() + gr[3].abs().item() * 0)
             worst[key] = max(errs)
         for impl_name in ("bidir", "gather"):
             ref = SigLipLoss(rank=rank, world_size=world, dist_impl=impl_name)
-            ours = mmfast.SigLipLoss(rank=rank, world_size=world, dist_impl=impl_name, group_size=gs)
+            ours = mmfast.SigLipLoss(rank=rank, world_size=world, dist_impl=impl_name, group_size=gs,
+                                     exchange=exchange)
             sb = bias if bias is not None else torch.tensor(-10.0, dtype=dtype)
             lr, gr = _grads(ref, image, text, scale, sb)
             lo, go = _grads(ours, image, text, scale, sb)
-            worst[f"siglip gs={gs} {impl_name}"] = max([_max_rel(lo, lr)] + [_max_rel(x, y) for x, y in zip(go, gr)])
+            errs = [_max_rel(lo, lr)] + [_max_rel(x, y) for x, y in zip(go, gr)]
+            worst[f"siglip gs={gs} {exchange} {impl_name}"] = max(errs)
     return worst
 
 
@@ -107,17 +117,17 @@ def _uneven(rank, world, sizes, d):
     scale = torch.tensor(20.0, dtype=torch.float64)
     bias = torch.tensor(-5.0, dtype=torch.float64)
     out = {}
-    for gs in [g for g in range(1, world + 1) if world % g == 0]:
+    for gs, exchange in _schemes(world):
         for local_loss, gwg in itertools.product([False, True], repeat=2):
             fn = mmfast.ClipLoss(local_loss=local_loss, gather_with_grad=gwg, rank=rank, world_size=world,
-                                 group_size=gs)
-            out[("clip", gs, local_loss, gwg)] = _grads(fn, image, text, scale, bias)
-        fn = mmfast.SigLipLoss(rank=rank, world_size=world, group_size=gs)
-        out[("siglip", gs)] = _grads(fn, image, text, scale, bias)
+                                 group_size=gs, exchange=exchange)
+            out[("clip", gs, exchange, local_loss, gwg)] = _grads(fn, image, text, scale, bias)
+        fn = mmfast.SigLipLoss(rank=rank, world_size=world, group_size=gs, exchange=exchange)
+        out[("siglip", gs, exchange)] = _grads(fn, image, text, scale, bias)
     return out
 
 
-@pytest.mark.parametrize("sizes", [[3, 5], [4, 1, 6, 2]])
+@pytest.mark.parametrize("sizes", [[3, 5], [4, 1, 6, 2], [2, 3, 1, 4, 2, 2]])
 def test_unequal_batches_match_simulation(sizes):
     world = len(sizes)
     results = run_distributed(_uneven, world, sizes, 16, timeout=300)
@@ -126,7 +136,7 @@ def test_unequal_batches_match_simulation(sizes):
     bias = torch.tensor(-5.0, dtype=torch.float64)
     for key in results[0]:
         if key[0] == "clip":
-            sim = simulate_ranks("clip", feats, scale, bias, local_loss=key[2], gather_with_grad=key[3])
+            sim = simulate_ranks("clip", feats, scale, bias, local_loss=key[3], gather_with_grad=key[4])
         else:
             sim = simulate_ranks("siglip", feats, scale, bias)
         for rank in range(world):
@@ -172,3 +182,222 @@ def _bad_group_size(rank, world):
 def test_group_size_must_divide_world():
     msgs = run_distributed(_bad_group_size, 3, timeout=120)
     assert all("group_size=2 must divide the world size 3" in m for m in msgs)
+
+
+def _ring_w8(rank, world, sizes):
+    import mmfast
+
+    feats = _features(sizes, 12, torch.float64, seed=11)
+    image, text = feats[rank]
+    scale, bias = torch.tensor(30.0, dtype=torch.float64), torch.tensor(-2.0, dtype=torch.float64)
+    out = {}
+    for gs in (1, 2, 4):
+        fn = mmfast.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world, group_size=gs,
+                             exchange="ring")
+        out[("clip", gs)] = _grads(fn, image, text, scale, bias)
+        fn = mmfast.SigLipLoss(rank=rank, world_size=world, group_size=gs, exchange="ring")
+        out[("siglip", gs)] = _grads(fn, image, text, scale, bias)
+    return out
+
+
+def test_ring_eight_ranks_unequal_batches_match_simulation():
+    sizes = [2, 1, 3, 2, 1, 1, 4, 2]
+    results = run_distributed(_ring_w8, len(sizes), sizes, timeout=300)
+    feats = _features(sizes, 12, torch.float64, seed=11)
+    scale, bias = torch.tensor(30.0, dtype=torch.float64), torch.tensor(-2.0, dtype=torch.float64)
+    sims = {"clip": simulate_ranks("clip", feats, scale, bias, local_loss=True, gather_with_grad=True),
+            "siglip": simulate_ranks("siglip", feats, scale, bias)}
+    for key in results[0]:
+        for rank, res in enumerate(results):
+            loss, grads = res[key]
+            exp = sims[key[0]][rank]
+            assert _max_rel(loss, exp["loss"]) < 1e-10, (key, rank)
+            for got, want in zip(grads[:3], exp["grads"][:3]):
+                assert _max_rel(got, want) < 1e-10, (key, rank)
+
+
+def _low_precision(rank, world, dtype_name):
+    import mmfast
+
+    dtype = getattr(torch, dtype_name)
+    feats64 = _features([24] * world, 32, torch.float64, seed=5)
+    scale = torch.tensor(30.0)
+    out = {}
+    for exchange, gs in (("gather", world), ("ring", 1), ("ring", 2)):
+        fn = mmfast.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world, group_size=gs,
+                             exchange=exchange)
+        image, text = (t.to(dtype) for t in feats64[rank])
+        out[(exchange, gs)] = _grads(fn, image, text, scale.to(dtype), None)
+        out[(exchange, gs, "64")] = _grads(fn, *feats64[rank], scale.double(), None)
+    return out
+
+
+def test_ring_half_precision_as_accurate_as_gather():
+    # bf16 features: the ring sums text gradients in fp32 as they travel, the gather scheme
+    # reduce-scatters bf16 partials, so the ring's error against fp64 may not exceed the gather's
+    # by more than the accuracy rule's factor 2 (plus a few bf16 ulps of the gradient scale).
+    results = run_distributed(_low_precision, 4, "bfloat16", timeout=300)
+    for rank, res in enumerate(results):
+        for gs in (1, 2):
+            ring, gather = res[("ring", gs)], res[("gather", 4)]
+            ref = res[("ring", gs, "64")]
+            for i in range(3):
+                err_ring = (ring[1][i].double() - ref[1][i]).abs().max().item()
+                err_gather = (gather[1][i].double() - ref[1][i]).abs().max().item()
+                floor = 8 * 2 ** -8 * ref[1][i].abs().max().item()
+                assert err_ring <= 2 * err_gather + floor, (rank, gs, i, err_ring, err_gather)
+            assert abs(ring[0].item() - ref[0].item()) < 1e-2 * max(1.0, abs(ref[0].item()))
+
+
+def _auto_picks_ring_under_a_small_budget(rank, world):
+    import mmfast
+    from mmfast.distributed import contrastive as dc
+
+    calls = {"ring": 0, "gather": 0}
+    orig_ring, orig_gather = dc.ClipRingFn.apply, dc.ClipGatherFn.apply
+
+    def count(name, fn):
+        def wrapped(*args):
+            calls[name] += 1
+            return fn(*args)
+        return wrapped
+
+    dc.ClipRingFn.apply = count("ring", orig_ring)
+    dc.ClipGatherFn.apply = count("gather", orig_gather)
+    try:
+        image, text = _features([5] * world, 8, torch.float64, seed=3)[rank]
+        fn = mmfast.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world, group_size=2)
+        values = {}
+        for budget in (None, 0):
+            dc.set_memory_budget(budget)
+            values[budget] = _grads(fn, image, text, torch.tensor(10.0, dtype=torch.float64), None)
+        dc.set_memory_budget(None)
+    finally:
+        dc.ClipRingFn.apply, dc.ClipGatherFn.apply = orig_ring, orig_gather
+    return calls, values
+
+
+def test_auto_takes_the_ring_when_the_gather_exceeds_the_budget():
+    results = run_distributed(_auto_picks_ring_under_a_small_budget, 4, timeout=120)
+    for calls, values in results:
+        assert calls == {"ring": 1, "gather": 1}
+        assert _max_rel(values[0][0], values[None][0]) < 1e-12
+        for a, b in zip(values[0][1], values[None][1]):
+            assert _max_rel(a, b) < 1e-12
+
+
+def test_pick_exchange_rules():
+    from mmfast.distributed.contrastive import gather_memory_bytes, pick_exchange, ring_memory_bytes
+
+    assert pick_exchange("gather", 512, 8, 1024, 768, 2) == "gather"
+    assert pick_exchange("ring", 8, 8, 1024, 768, 2) == "ring"
+    assert pick_exchange("auto", 8, 8, 1 << 20, 768, 2) == "gather"  # one group: the ring is the gather
+    assert pick_exchange("auto", 512, 8, 1024, 768, 2, budget=512 * 2**20) == "ring"
+    assert pick_exchange("auto", 16, 8, 1024, 768, 2, budget=512 * 2**20) == "gather"
+    # the ring's memory is flat in the world size apart from O(W*B) scalars; the gather's grows
+    ring = [ring_memory_bytes(8, w // 8, 1024, 768, 2) for w in (16, 512, 4096)]
+    assert ring[-1] - ring[0] <= 16 * (4096 - 16) * 1024  # a few fp32 scalars per extra column
+    assert ring[-1] * 50 < gather_memory_bytes(4096, 1024, 768, 2)
+    assert gather_memory_bytes(4096, 1024, 768, 2) == 256 * gather_memory_bytes(16, 1024, 768, 2)
+
+
+def _bad_exchange(rank, world, per_rank):
+    import mmfast
+
+    try:
+        mmfast.ClipLoss(rank=rank, world_size=world, exchange=per_rank[rank])(
+            torch.randn(3, 4), torch.randn(3, 4), 1.0)
+    except (ValueError, RuntimeError) as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_unknown_exchange_raises_at_construction():
+    import mmfast
+
+    with pytest.raises(ValueError, match="exchange must be one of"):
+        mmfast.ClipLoss(exchange="tree")
+    with pytest.raises(ValueError, match="exchange must be one of"):
+        mmfast.SigLipLoss(exchange=None)
+    with pytest.raises(ValueError, match="exchange must be one of"):
+        mmfast.functional.clip_loss(torch.randn(2, 4), torch.randn(2, 4), 1.0, exchange="rings")
+
+
+def test_exchange_that_differs_across_ranks_raises_everywhere():
+    msgs = run_distributed(_bad_exchange, 2, ["ring", "gather"], timeout=120)
+    assert all("exchange differs across ranks: ['ring', 'gather']" in m for m in msgs), msgs
+
+
+def _bad_exchange_functional(rank, world):
+    import mmfast
+
+    try:
+        mmfast.functional.clip_loss(torch.randn(3, 4), torch.randn(3, 4), 1.0, rank=rank, world_size=world,
+                                    exchange="ring" if rank else "bogus")
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_unknown_exchange_on_one_rank_raises_everywhere_without_hanging():
+    msgs = run_distributed(_bad_exchange_functional, 3, timeout=120)
+    assert "exchange must be one of" in msgs[0]
+    assert all("bad contrastive-loss input on rank(s) [0]" in m for m in msgs[1:]), msgs
+
+
+def _dim_differs(rank, world, exchange):
+    import mmfast
+
+    try:
+        d = 8 if rank else 6
+        mmfast.SigLipLoss(rank=rank, world_size=world, group_size=1, exchange=exchange)(
+            torch.randn(3, d), torch.randn(3, d), 1.0, -1.0)
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+@pytest.mark.parametrize("exchange", ["gather", "ring"])
+def test_unequal_dim_raises_everywhere(exchange):
+    msgs = run_distributed(_dim_differs, 3, exchange, timeout=120)
+    assert all("embedding size D differs across ranks: [6, 8, 8]" in m for m in msgs), msgs
+
+
+def _fails_mid_ring(rank, world, loss, phase, failing_rank):
+    import mmfast
+    from mmfast.ops import contrastive as tiles
+
+    name = {("clip", "forward"): "softmax_stats", ("clip", "backward"): "softmax_grads",
+            ("siglip", "forward"): "sigmoid_rowsum", ("siglip", "backward"): "sigmoid_grads"}[(loss, phase)]
+    orig = getattr(tiles, name)
+    calls = [0]
+
+    def flaky(*args, **kwargs):
+        calls[0] += 1
+        if rank == failing_rank and calls[0] == 2:  # the second block of the ring
+            raise RuntimeError("injected kernel failure")
+        return orig(*args, **kwargs)
+
+    setattr(tiles, name, flaky)
+    image, text = _features([4] * world, 8, torch.float32, seed=rank)[rank]
+    image.requires_grad_()
+    fn = (mmfast.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world, group_size=1,
+                          exchange="ring") if loss == "clip" else
+          mmfast.SigLipLoss(rank=rank, world_size=world, group_size=1, exchange="ring"))
+    try:
+        fn(image, text, torch.tensor(10.0), torch.tensor(-1.0)).backward()
+    except RuntimeError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        setattr(tiles, name, orig)
+    return "no error"
+
+
+@pytest.mark.parametrize("loss,phase", [("clip", "forward"), ("clip", "backward"), ("siglip", "forward"),
+                                        ("siglip", "backward")])
+def test_rank_failing_mid_ring_raises_everywhere_without_hanging(loss, phase):
+    msgs = run_distributed(_fails_mid_ring, 4, loss, phase, 2, timeout=120)
+    assert "injected kernel failure" in msgs[2], msgs
+    for r in (0, 1, 3):
+        assert msgs[r].startswith("RingFailure:") and f"the {phase} pass" in msgs[r] and "1 other rank" in msgs[r], \
+            msgs

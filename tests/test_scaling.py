@@ -2,14 +2,20 @@
 
 * bytes: for every scheme that runs here (open_clip ClipLoss with each flag combination, open_clip
   SigLipLoss bidir, mmfast ClipLoss for every group size dividing W and every flag combination,
-  mmfast SigLipLoss for every group size), the predicted bytes sent per rank, forward + backward,
-  equal count_collective_bytes()'s exactly, op by op and phase by phase, on every rank (W = 2, 4, 8);
-* memory: the predicted peak (gloo/CPU flavour of the model) is within 30% of the profiler's (W=2);
+  mmfast SigLipLoss for every group size, both with exchange="gather", and exchange="ring" for every
+  group size below W, ClipLoss with every flag combination and SigLipLoss), the predicted bytes sent
+  per rank, forward + backward, equal count_collective_bytes()'s exactly, op by op and phase by
+  phase, on every rank (W = 2, 4, 8);
+* memory: the predicted peak (gloo/CPU flavour of the model) is within 30% of the profiler's, for
+  every scheme at W=2 with tiny shapes, and for the gather (g = 1, 2) and ring (g = 1, 2) exchanges
+  at W = 2, 4, 8 with B = 64..256, D = 128..256;
 * time: with alpha/beta fitted to an all-gather sweep and the compute rates calibrated in the same
   processes, the predicted loss step is within a factor 4 of the measured median (ClipLoss schemes);
 * the simulate command writes its table, JSON, CSV and PNG; the contrastive-dist bench case runs;
-* properties: open_clip's memory grows with W*B^2, mmfast's linearly; group_size=W moves a plain
-  all-gather's bytes; mmfast ClipLoss sends 2(W-1)BD + O(WB), open_clip 4(W-1)BD.
+* properties: open_clip's memory grows with W*B^2, mmfast gather's linearly in W*B*D, the ring's is
+  flat in W up to O(W*B) scalars; group_size=W moves a plain all-gather's bytes; mmfast ClipLoss
+  gather sends 2(W-1)BD + O(WB), the ring 2(W-1)BD of texts + (W-1)BD of fp32 gradient sums + O(WB),
+  open_clip 4(W-1)BD; the recommendation picks group_size and exchange within a memory budget.
 """
 
 from __future__ import annotations
@@ -52,6 +58,29 @@ def test_predicted_bytes_equal_measured(world, b, d, dtype, memory):
         if memory:  # the gloo/CPU flavour of the memory model against the profiler's peak
             peak = statistics.median(r[spec_key(spec)]["peak_extra_bytes"] for r in results)
             assert 1 / 1.3 <= pred.peak_memory_bytes / peak <= 1.3, (spec_key(spec), pred.peak_memory_bytes, peak)
+
+
+MEMORY_FACTOR = 1.3  # predicted (gloo flavour) vs the profiler's peak, either way
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world,b,d", [(2, 256, 256), (4, 128, 256), (8, 64, 128)])
+def test_predicted_memory_of_both_exchanges(world, b, d):
+    """The gloo flavour of the memory replay against the profiler, at shapes where the O(B*D) and
+    O(g*B*D) buffers dominate: gather g=1, 2 and ring g=1, 2 (ClipLoss local+gwg), the SigLIP ring."""
+    flags = {"local_loss": True, "gather_with_grad": True}
+    specs = [("mmfast-clip", {"group_size": g, "exchange": ex, **flags})
+             for ex, g in (("gather", 1), ("gather", 2), ("ring", 1), ("ring", 2)) if ex == "gather" or g < world]
+    specs.append(("mmfast-siglip", {"group_size": 2 if world > 2 else 1, "exchange": "ring"}))
+    results = run_distributed(measure_rank, world, specs, b, d, "float32", 0, True, timeout=300)
+    report = []
+    for spec in specs:
+        pred = spec_prediction(spec, world, b, d, "float32", backend="gloo").peak_memory_bytes
+        peak = statistics.median(r[spec_key(spec)]["peak_extra_bytes"] for r in results)
+        report.append((spec_name(spec), pred, peak, pred / peak))
+    text = "; ".join(f"{n}: predicted {p} measured {m} (x{r:.2f})" for n, p, m, r in report)
+    for _, _, _, ratio in report:
+        assert 1 / MEMORY_FACTOR <= ratio <= MEMORY_FACTOR, text
 
 
 # ------------------------------------------------------------------------------------------ timing
@@ -124,9 +153,13 @@ def test_simulate_command_writes_outputs(tmp_path):
     data = json.loads((tmp_path / "scaling.json").read_text())
     assert {"meta", "recommended", "rows"} <= set(data)
     assert data["recommended"]["B=256 W=512"]["group_size"] in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+    assert data["recommended"]["B=1024 W=512"]["exchange"] in ("gather", "ring")
+    assert data["recommended"]["B=1024 W=512"]["peak_memory_bytes"] <= 512 * 2**20
     schemes = {r["scheme"] for r in data["rows"]}
     assert {"open_clip-clip", "open_clip-siglip", "inf-cl", "mmfast-clip", "mmfast-siglip"} <= schemes
-    assert "recommended group_size" in (tmp_path / "scaling.txt").read_text()
+    assert {r.get("exchange") for r in data["rows"] if r["scheme"] == "mmfast-clip"} == {"gather", "ring"}
+    text = (tmp_path / "scaling.txt").read_text()
+    assert "recommended group_size" in text and "recommended exchange" in text and "ring best g" in text
     assert (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -204,10 +237,36 @@ def test_mmfast_sends_half_of_open_clip(w, b, d):
     assert _oc(w, b, d).sent_bytes == 4 * (w - 1) * b * d * es
     for g in (1, min(8, w), w):
         mm = _mm(w, b, d, g)
-        # sizes (4 x int64) + column max (N fp32) + column sums (2N fp32) + the grad scalar: (W-1)(36 + 24B)
-        assert mm.sent_bytes == 2 * (w - 1) * b * d * es + (w - 1) * (36 + 24 * b)
+        # header (7 fp64) + the grad scalar (fp32) + one statistics all-reduce of 2N + 3 fp64
+        stats = 2 * (w - 1) * (2 * w * b + 3) * 8 // w
+        assert mm.sent_bytes == 2 * (w - 1) * b * d * es + (w - 1) * (56 + 4) + stats
+        # gloo: the reduce-scatters are all-to-alls, with the same bytes
+        gloo = _mm(w, b, d, g, backend="gloo")
+        assert gloo.sent_bytes == mm.sent_bytes
+        assert not any(c.op == "reduce_scatter_tensor" for c in gloo.collectives)
+        assert sum(c.op == "all_to_all_single" for c in gloo.collectives) == (g > 1) + (w // g > 1)
     big = _mm(64, 256, 8192, 8).sent_bytes / _oc(64, 256, 8192).sent_bytes
     assert 0.5 < big < 0.51
+
+
+@pytest.mark.parametrize("w,b,d", [(2, 7, 64), (8, 256, 768), (512, 1024, 768)])
+def test_ring_sends_texts_twice_and_gradient_sums_once(w, b, d):
+    es, acc = 2, 4  # bf16 features, fp32 gradient sums
+    for g in (g for g in (1, 2, 8, 64) if g < w and w % g == 0):
+        for backend in ("nccl", "gloo"):
+            ring = _mm(w, b, d, g, exchange="ring", backend=backend)
+            # header + grad scalar + statistics all-reduce (2N + 4 fp64: the forward's failure flag rides
+            # along) + the backward's failure flag (1 fp64)
+            small = (w - 1) * (56 + 4) + 2 * (w - 1) * (2 * w * b + 4) * 8 // w + 2 * (w - 1) * 8 // w
+            assert ring.sent_bytes == 2 * (w - 1) * b * d * es + (w - 1) * b * d * acc + small, (g, backend)
+            k = w // g
+            ops = ring.by_op()
+            assert ops.get(("batch_isend_irecv", "forward"), {}).get("calls", 0) == k - 1
+            assert ops.get(("batch_isend_irecv", "backward"), {}).get("calls", 0) == 2 * (k - 1)
+            rs = "all_to_all_single" if backend == "gloo" else "reduce_scatter_tensor"
+            assert ops.get((rs, "backward"), {}).get("calls", 0) == (k if g > 1 else 0)
+            # the texts gathered in groups: K all-gathers each pass (the header is the other one)
+            assert ops[("all_gather_into_tensor", "forward")]["calls"] == 1 + (k if g > 1 else 0)
 
 
 def test_link_split_and_node_traffic():
@@ -229,10 +288,49 @@ def test_recommend_is_fastest_and_ties_go_to_less_memory():
     best = sc.recommend(preds)
     fastest = min(p.step_s for p in preds if p.scheme == "mmfast-clip")
     assert best.scheme == "mmfast-clip" and best.step_s <= fastest * 1.01
+    for ex in ("gather", "ring"):
+        assert sc.recommend(preds, exchange=ex).exchange == ex
     a, b = _mm(64, 256, 768, 2), _mm(64, 256, 768, 4)
     a.peak_memory_bytes, b.peak_memory_bytes = 2000, 1000
     b.stages = a.stages  # equal time
     assert sc.recommend([a, b]) is b
+    # a memory budget: only what fits, else the least memory
+    assert sc.recommend([a, b], memory_budget=1500) is b
+    assert sc.recommend([a, b], memory_budget=10) is b
+
+
+def test_recommended_group_size_and_exchange_at_512_gpus():
+    """64 nodes of 8 H200, B=1024, D=768 bf16: the ring (recommended within the 512 MiB budget)
+    needs at most 256 MiB of loss memory a rank and is faster than open_clip ClipLoss."""
+    prob = sc.Problem(512, 1024, 768)
+    rec = sc.recommend_config(prob)
+    assert rec.exchange == "ring" and rec.peak_memory_bytes <= 256 * 2**20
+    assert rec.step_s < _oc(512, 1024, 768).step_s
+    gather = sc.recommend(sc.predict_all(prob, include_siglip=False, include_inf_cl=False), exchange="gather")
+    assert gather.peak_memory_bytes > 4 * 2**30  # O(W*B*D): over 4 GiB
+    # no budget: the fastest; a budget too small for anything: the least memory
+    fastest = sc.recommend_config(prob, memory_budget=None)
+    assert fastest.step_s <= rec.step_s
+    tiny = sc.recommend_config(prob, memory_budget=1)
+    assert tiny.exchange == "ring" and tiny.params["group_size"] == 1
+
+
+def test_ring_memory_flat_in_w_gather_linear():
+    b, d = 1024, 768
+    worlds = [8 * 2**i for i in range(10)]  # 8 .. 4096
+    for g in (1, 4, 8):
+        ring = {w: _mm(w, b, d, g, exchange="ring").peak_memory_bytes for w in worlds if w > g}
+        ref = ring[64]  # steady state: with fewer than 3 groups fewer pieces are in flight
+        for w, mem in ring.items():
+            # flat up to O(W*B) scalars: the column statistics and their fp64 all-reduce (<= 10 fp64 a column)
+            assert 0.75 * ref <= mem <= 1.05 * ref + 80 * w * b, (g, w, mem, ref)
+        # the O(g*B*D) part: a few group blocks, nothing of the other groups' texts
+        assert ref <= 16 * g * b * d * 4 + 64 * b * d * 4, (g, ref)
+    gather = {w: _mm(w, b, d, 8).peak_memory_bytes for w in worlds}
+    for w in worlds[3:]:  # from 4 groups of 8 on (one group at W=8 has no column block to copy)
+        assert 1.9 <= gather[w] / gather[w // 2] <= 2.1, w  # linear in W
+        assert gather[w] >= 3 * w * b * d * 2  # at least three copies of the world's texts (bf16)
+    assert _mm(4096, b, d, 8, exchange="ring").peak_memory_bytes * 100 < gather[4096]
 
 
 def test_ring_time_and_fit():
@@ -260,3 +358,9 @@ def test_unknown_inputs_are_rejected():
         sc.dtype_bytes("int3")
     with pytest.raises(ValueError, match="intra-first"):
         _mm(8, 4, 4, 2, order="sideways")
+    with pytest.raises(ValueError, match="gather or ring"):
+        _mm(8, 4, 4, 2, exchange="sideways")
+    with pytest.raises(ValueError, match="does not divide"):
+        _mm(8, 4, 4, 3, exchange="ring")
+    with pytest.raises(ValueError, match="what-if"):
+        _mm(8, 4, 4, 2, exchange="ring", order="intra-first")

@@ -9,16 +9,27 @@ What is predicted, per rank and per step (loss forward + backward, the features 
   bytes, dtype, forward/backward; :class:`Stage`: what runs in sequence and what overlaps), read off
   the code:
 
-  - ``mmfast`` (:mod:`mmfast.distributed.contrastive`, ``group_size`` g, ``K = W // g`` groups):
-    forward: a 4 x int64 ``all_gather_into_tensor`` of the batch sizes over the world; the texts
+  - ``mmfast`` (:mod:`mmfast.distributed.contrastive`, ``group_size`` g, ``K = W // g`` groups),
+    both exchanges start with the header: one world ``all_gather_into_tensor`` of 7 fp64 a rank.
+    Reduce-scatters (:func:`mmfast.distributed.comm.reduce_scatter`) are ``reduce_scatter_tensor``
+    on NCCL and ``all_to_all_single`` of the same input (plus a local sum) on gloo.
+
+    ``exchange="gather"`` (:mod:`mmfast.distributed.gather`): forward: the texts
     ``all_gather_into_tensor`` over ``column`` (K ranks, ``B*D`` elements each); the column block
     ``all_gather_into_tensor`` over ``intra`` (g ranks, ``K*B*D``), async, overlapped with the column
-    block's tiles; CLIP adds two world ``all_reduce`` of the column statistics (``N`` and ``2N``
-    floats, N = W*B, fp32) and, without ``local_loss``, one of 2 floats. Backward: CLIP with
-    ``gather_with_grad`` one scalar (``all_gather_into_tensor`` with ``local_loss``, else
-    ``all_reduce``); the text-gradient partials ``reduce_scatter_tensor`` over ``intra`` (input
-    ``g*K*B*D``), async, overlapped with the column block's tiles, then over ``column`` (input
-    ``K*B*D``).
+    block's tiles; CLIP adds one world ``all_reduce`` of ``2N + 3`` fp64 (column statistics and the
+    loss terms, N = W*B). Backward: CLIP with ``gather_with_grad`` one scalar
+    (``all_gather_into_tensor`` with ``local_loss``, else ``all_reduce``); the text-gradient
+    partials reduce-scattered over ``intra`` (input ``g*K*B*D``), async, overlapped with the column
+    block's tiles, then over ``column`` (input ``K*B*D``), in the feature dtype.
+
+    ``exchange="ring"`` (:mod:`mmfast.distributed.ring`, :func:`predict_mmfast_ring`): forward:
+    K group all-gathers of ``B*D`` pieces (g > 1) and K-1 column ring steps (one
+    ``batch_isend_irecv`` of one ``B*D`` isend + one irecv), each overlapped with the tiles of the
+    block in hand; CLIP one world ``all_reduce`` of ``2N + 4`` fp64 (with a failure flag), SigLIP one
+    of 1 fp64. Backward: the upstream-gradient scalar as for gather; K group all-gathers and K-1
+    text ring steps again, K group reduce-scatters of ``g*B*D`` and K-1 gradient ring steps of
+    ``B*D`` in the accumulation dtype (fp32; fp64 for fp64 features); one 1-fp64 ``all_reduce``.
   - ``open_clip`` ``ClipLoss`` (``gather_features``): two world ``all_gather`` (list) of ``B*D``;
     with ``gather_with_grad`` their backward is, on NCCL, two ``reduce_scatter`` (list) and, on gloo,
     ``torch.distributed.nn``'s all-to-all emulation, ``W`` ``scatter`` calls each of which this rank
@@ -48,8 +59,11 @@ What is predicted, per rank and per step (loss forward + backward, the features 
   ``X/(nics*bw_inter)`` where ``X`` is the number of hops of all the rings of the same op running
   at once (every ``intra`` group, or every ``column``) that leave one node: a node's NICs are
   shared by them (NCCL spreads a ring's node-crossing traffic over the channels of every NIC). A
-  point-to-point send uses one NIC. Stages run one after the other; an overlapped stage costs
-  ``max(communication, compute)``.
+  point-to-point send uses one NIC; gloo's all-to-all is timed as ``m-1`` pairwise steps of one
+  chunk. Stages run one after the other; an overlapped stage costs ``max(communication,
+  compute)``; in a ``concurrent`` stage (the ring's steps) collectives of different sub-group
+  families (``column`` ring steps, ``intra`` all-gathers) run at once and those of one family
+  (texts and gradient sums on the column ring) add up.
 
 * **compute** from the throughput of the tile kernels (:class:`ComputeRates`; measured here by
   :func:`calibrate_compute`, or a recorded GPU figure such as :data:`H200_BF16`): the fused kernels do
@@ -61,16 +75,21 @@ What is predicted, per rank and per step (loss forward + backward, the features 
   Python and kernel-launch overheads are not modelled.
 
 * **peak loss memory** per rank (bytes allocated inside the loss call, features excluded), replaying
-  each implementation's allocations in order (mmfast: the gathered texts, the fp32 gradient partials
-  and the copies made for the other groups' columns, ``O(W*B*D)``; open_clip: gathered features and
-  the ``B x W*B`` logits with their log-softmax, ``O(W*B*D + W*B^2)``; Inf-CL: fp32 blocks,
-  ``O(B*D)``). ``backend="nccl"`` is a GPU (NCCL, Triton kernels, no extra buffers);
-  ``backend="gloo"`` adds what gloo and the C++ kernels allocate on a CPU, so that the distributed
-  tests can check the prediction against the profiler.
+  each implementation's allocations in order (mmfast gather: the gathered texts, the gradient
+  partials, their padded and transposed copies and the copies made for the column sets,
+  ``O(W*B*D)``; mmfast ring: two pieces and two group blocks in flight, a block's gradients and the
+  running sums, ``O(g*B*D)``, plus ``O(W*B)`` statistics; open_clip: gathered features and the ``B x
+  W*B`` logits with their log-softmax, ``O(W*B*D + W*B^2)``; Inf-CL: fp32 blocks, ``O(B*D)``). The
+  mmfast replays (:class:`_Heap`) free a tensor when the last variable of the code holding it lets
+  go. ``backend="nccl"`` is a GPU (NCCL, the Triton kernels' gradient partials, H200 launch
+  geometry); ``backend="gloo"`` adds what gloo and the C++ kernels allocate on a CPU, so that the
+  distributed tests can check the prediction against the profiler.
 
-:func:`predict_mmfast` with ``order="intra-first"`` is a what-if (mmfast's first implementation,
-which gathered inside the group first): see its docstring. Every figure is per rank and per step,
-for equal local batch sizes.
+:func:`recommend` / :func:`recommend_config` pick mmfast's ``(group_size, exchange)`` together: the
+least predicted step time among the configurations whose loss memory fits a budget (default 512 MiB,
+the budget of ``exchange="auto"``). :func:`predict_mmfast` with ``order="intra-first"`` is a what-if
+(mmfast's first implementation, which gathered inside the group first): see its docstring. Every
+figure is per rank and per step, for equal local batch sizes.
 """
 
 from __future__ import annotations
@@ -105,11 +124,15 @@ __all__ = [
     "dtype_bytes",
     "comm_sent_bytes",
     "predict_mmfast",
+    "predict_mmfast_ring",
     "predict_open_clip_clip",
     "predict_open_clip_siglip",
     "predict_inf_cl",
     "predict_all",
     "recommend",
+    "recommend_config",
+    "EXCHANGES",
+    "DEFAULT_MEMORY_BUDGET",
     "calibrate_compute",
     "rates_from_json",
     "fit_alpha_beta",
@@ -122,6 +145,13 @@ __all__ = [
 
 GB = 1e9
 _DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2, "int64": 8}
+
+
+#: The exchange schemes of mmfast's distributed losses that the model predicts.
+EXCHANGES = ("gather", "ring")
+#: The per-rank loss memory a recommendation must fit by default: 512 MiB, the budget of mmfast's
+#: ``exchange="auto"`` (mmfast.distributed.contrastive.set_memory_budget's default).
+DEFAULT_MEMORY_BUDGET = 512 * 2**20
 
 
 def dtype_bytes(dtype: str) -> int:
@@ -256,6 +286,8 @@ def comm_sent_bytes(op: str, n: int, m: int, *, root: bool = True) -> int:
         return (m - 1) * n // m
     if op == "reduce_scatter":  # n: one chunk of the m-chunk input list
         return (m - 1) * n
+    if op == "all_to_all_single":  # n: the input; its own 1/m stays
+        return n - n // m
     if op == "all_reduce":
         return 2 * (m - 1) * n // m
     if op == "scatter":  # n: one chunk; the root sends every chunk but its own
@@ -361,23 +393,39 @@ class Collective:
 
 @dataclass
 class Stage:
-    """A piece of the step: collectives and compute, one after the other or overlapped (max)."""
+    """A piece of the step: collectives and compute, one after the other or overlapped (max).
+
+    ``concurrent``: the collectives of different sub-group families (``Collective.group``: intra,
+    column...) are in flight at once, each family on its own links: the communication wall time is
+    the largest family's sum (those of one family share its links and queue)."""
 
     name: str
     comm: list[Collective] = field(default_factory=list)
     compute_s: float = 0.0
     overlap: bool = False
     repeat: int = 1
+    concurrent: bool = False
 
     @property
     def comm_s(self) -> float:
-        """Communication time of one repetition."""
+        """Communication time of one repetition, one collective after the other."""
         return sum(c.time_s for c in self.comm)
+
+    @property
+    def comm_wall_s(self) -> float:
+        """Communication wall time of one repetition (families in parallel when ``concurrent``)."""
+        if not self.concurrent:
+            return self.comm_s
+        fam: dict[str, float] = {}
+        for c in self.comm:
+            fam[c.group] = fam.get(c.group, 0.0) + c.time_s
+        return max(fam.values(), default=0.0)
 
     @property
     def time_s(self) -> float:
         """Wall time of all repetitions."""
-        one = max(self.comm_s, self.compute_s) if self.overlap else self.comm_s + self.compute_s
+        wall = self.comm_wall_s
+        one = max(wall, self.compute_s) if self.overlap else wall + self.compute_s
         return self.repeat * one
 
 
@@ -392,20 +440,23 @@ class _Builder:
         """A collective over every ring of a family (``kind``: world / intra / column; ``g``: group size)."""
         w = self.p.world
         m = {"world": w, "intra": g, "column": w // g}[kind]
-        hops = _hops(w, self.gpn, kind, w if kind == "world" else g, "direct" if op == "scatter" else "ring")
+        gsz = w if kind == "world" else g
+        direct = op in ("scatter", "all_to_all_single")
+        hops = _hops(w, self.gpn, kind, gsz, "direct" if direct else "ring")
         col = Collective(op, kind, m, payload, dtype, phase, note=note)
         if op == "scatter":  # gloo's all-to-all: m scatter calls, this rank is the root of one
             col.calls = m
             col.sent_bytes = comm_sent_bytes(op, payload, m, root=True)
         else:
             col.sent_bytes = comm_sent_bytes(op, payload, m)
-        self._split(col, hops)
-        alpha, beta = _step_cost(self.c, hops)
+        self._split(col, hops)  # all-to-all: every member gets its chunk straight from this rank
+        # an all-to-all runs as m-1 pairwise-exchange steps of one chunk each: timed like a ring step
+        alpha, beta = _step_cost(self.c, _hops(w, self.gpn, kind, gsz) if op == "all_to_all_single" else hops)
         if m < 2:
             col.time_s = 0.0
         elif op in ("all_gather", "all_gather_into_tensor"):
             col.time_s = (m - 1) * (alpha + payload * beta)
-        elif op == "reduce_scatter_tensor":
+        elif op in ("reduce_scatter_tensor", "all_to_all_single"):
             col.time_s = (m - 1) * (alpha + payload / m * beta)
         elif op == "reduce_scatter":
             col.time_s = (m - 1) * (alpha + payload * beta)
@@ -431,6 +482,20 @@ class _Builder:
         # both directions run at once on full-duplex links; sends in one direction queue
         per_dir = max(payloads) if bidir else sum(payloads)
         col.time_s = alpha * (1 if bidir else len(payloads)) + per_dir * beta
+        return col
+
+    def column_p2p(self, g: int, payload: int, dtype: str, phase: str, note: str = "") -> Collective:
+        """One ring step over the ``column`` rings (every rank sends ``payload`` bytes to the same
+        position of the next group, receives from the previous: one ``batch_isend_irecv`` of one
+        isend + one irecv), all the column rings at once."""
+        w = self.p.world
+        k = w // g
+        hops = _hops(w, self.gpn, "column", g, "ring")
+        col = Collective("batch_isend_irecv", "column", k, payload, dtype, phase, note=note)
+        col.sent_bytes = comm_sent_bytes("batch_isend_irecv", payload, k)
+        self._split(col, hops)
+        alpha, beta = _step_cost(self.c, hops, p2p=True)
+        col.time_s = alpha + payload * beta if k > 1 else 0.0
         return col
 
     @staticmethod
@@ -483,6 +548,11 @@ class Prediction:
     def step_s(self) -> float:
         """Predicted loss step time (forward + backward) with the implementation's overlap."""
         return sum(s.time_s for s in self.stages)
+
+    @property
+    def exchange(self) -> str:
+        """mmfast's exchange scheme (``gather`` / ``ring``); ``""`` for the other implementations."""
+        return str(self.params.get("exchange", ""))
 
     def by_op(self) -> dict[tuple[str, str], dict[str, int]]:
         """``{(op, phase): {"calls", "sent_bytes"}}``, to compare with a measured counter."""
@@ -552,24 +622,161 @@ class _Mem:
         self.peak = max(self.peak, self.now + int(nbytes))
 
 
-def _mmfast_memory(prob: Problem, g: int, loss: str, backend: str = "nccl", order: str = "column-first") -> int:
-    """Peak bytes allocated inside mmfast's distributed loss (forward + backward), equal batches, by
-    replaying the allocations of :mod:`mmfast.distributed.contrastive` (column-first) in order;
-    ``order="intra-first"``: :func:`_mmfast_memory_intra_first` (the what-if).
+#: Programs per launch of mmfast's Triton kernels on the GPU the ``nccl`` flavour assumes (an H200:
+#: 132 SMs, two programs each): it sets how many partial buffers the gradient kernels sum.
+GPU_PROGRAMS = 264
 
-    Forward: the column block ``K*B*D`` (column all-gather), the group all-gather's output ``N*D``
-    (by position), the texts in rank order (a copy of it when g > 1 and K > 1; kept for backward),
-    the copy of the other columns (``index_select``), the O(N) column statistics (CLIP).
-    Backward: the kept texts, the partials ``N*D`` in the feature dtype, per column set (the other
-    columns, then the own block) its copy (``index_select``), the kernel's fp32 gradients and their
-    cast to the feature dtype (temporaries of the call); the group reduce-scatter's padded copy of
-    the partials and its by-position transpose (a copy when K > 1), its output ``K*B*D``; the own
-    block's padded partials and their sum with the group's, and the column reduce-scatter's output.
-    ``backend="nccl"``: a GPU with NCCL and the Triton kernels (no workspace); ``"gloo"``: CPU, gloo
-    and the C++ kernels, which make fp32 copies of the ``M x D`` rows (and, for 16-bit features, of
-    the columns), and gloo's own buffers (all-gather: one of the output's size during the call, to
-    the wait when async; reduce-scatter: a copy of the input, kept, like the output, as long as the
-    async work object).
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _tsplit(n_blocks: int, parts: int) -> int:
+    """How many non-empty parts mmfast's Triton kernels cut ``n_blocks`` into (``_split``)."""
+    parts = max(1, min(parts, n_blocks))
+    return _cdiv(n_blocks, _cdiv(n_blocks, parts))
+
+
+class _Heap(_Mem):
+    """A :class:`_Mem` whose tensors are held by named variables: a tensor is freed when its last holder
+    lets go (Python's reference counting), so that a replay can follow the code line by line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._size: dict[int, int] = {}
+        self._refs: dict[int, int] = {}
+        self._vars: dict[str, int] = {}
+        self._next = 0
+
+    def new(self, nbytes: float, *holders: str) -> None:
+        """A new tensor of ``nbytes``, held by ``holders`` (each of which lets go of what it held)."""
+        tid, self._next = self._next, self._next + 1
+        self._size[tid], self._refs[tid] = int(nbytes), 0
+        self.now += int(nbytes)
+        self.peak = max(self.peak, self.now)
+        for h in holders:
+            self._hold(h, tid)
+
+    def alias(self, var: str, other: str) -> None:
+        """``var = other`` (``other`` unbound: ``var = None``)."""
+        self._hold(var, self._vars.get(other))
+
+    def drop(self, *holders: str) -> None:
+        """``var = None`` for each."""
+        for h in holders:
+            self._hold(h, None)
+
+    def drop_prefix(self, prefix: str) -> None:
+        """Every variable whose name starts with ``prefix`` lets go (a frame that returns)."""
+        self.drop(*[v for v in self._vars if v.startswith(prefix)])
+
+    def _hold(self, var: str, tid: int | None) -> None:
+        old = self._vars.pop(var, None)
+        if tid is not None:
+            self._vars[var] = tid
+            self._refs[tid] += 1
+        if old is not None:
+            self._refs[old] -= 1
+            if not self._refs[old]:
+                self.now -= self._size.pop(old)
+                del self._refs[old]
+
+
+class _Kernels:
+    """What one tile-kernel call allocates. ``gloo``: the C++ kernels (fp32 copies of 16-bit inputs,
+    ``min(M, 1024) x min(N, 1024)`` tile buffers, the statistics' accumulators); ``nccl``: the Triton
+    kernels (the gradient kernels write ``splits`` fp32 partials of ``[M, D]`` and sum them, the
+    softmax forward a few O(M + N) partials)."""
+
+    def __init__(self, h: _Heap, prob: Problem, backend: str):
+        self.h, self.d, self.es, self.fs = h, prob.dim, prob.es, _stat_bytes(prob.dtype)
+        self.gloo = backend == "gloo"
+
+    def _cast(self, rows: int) -> int:
+        return rows * self.d * self.fs if self.gloo and self.es < self.fs else 0
+
+    def _tile(self, m: int, n: int) -> int:
+        return min(m, 1024) * min(n, 1024) * self.fs
+
+    def _grad_splits(self, lx: int, ly: int) -> int:
+        return _tsplit(_cdiv(ly, 128), min(8, GPU_PROGRAMS // _cdiv(lx, 64)))
+
+    def softmax_fwd(self, m: int, n: int, out: str) -> None:
+        """Outputs ``<out>_r`` (row lse + mean logit, ``[2, M]``) and ``<out>_c`` (``[2, N]``)."""
+        h, fs = self.h, self.fs
+        h.new(2 * m * fs, out + "_r")
+        h.new(2 * n * fs, out + "_c")
+        if self.gloo:
+            h.tmp(self._cast(m) + self._cast(n) + 3 * (m + n) * fs + self._tile(m, n))
+        else:
+            r, c = _cdiv(m, 128), _cdiv(n, 128)
+            s_r = min(r, GPU_PROGRAMS, max(1, round(math.sqrt(GPU_PROGRAMS * r / c))))
+            s_c = _tsplit(c, GPU_PROGRAMS // s_r)
+            h.tmp(2 * 4 * ((s_c * m if s_c > 1 else 0) + (s_r * n if s_r > 1 else 0)))
+
+    def sigmoid_fwd(self, m: int, n: int, out: str) -> None:
+        """Output ``<out>_r`` (row sums ``[M]``)."""
+        h, fs = self.h, self.fs
+        h.new(m * fs, out + "_r")
+        if self.gloo:
+            h.tmp(self._cast(m) + self._cast(n) + self._tile(m, n))
+        else:
+            splits = _tsplit(_cdiv(n, 128), GPU_PROGRAMS // _cdiv(m, 128))
+            h.tmp(splits * m * 4 if splits > 1 else 0)
+
+    def grads(self, m: int, n: int, out: str, two_tiles: bool = False, sigmoid: bool = False) -> None:
+        """Outputs ``<out>_a`` ``[M, D]`` and ``<out>_b`` ``[N, D]`` (accumulation dtype). ``two_tiles``:
+        the softmax backward with a second set of weights (C++: a second tile buffer)."""
+        h, d, fs = self.h, self.d, self.fs
+        if self.gloo:
+            h.new(m * d * fs, out + "_a")
+            h.new(n * d * fs, out + "_b")
+            h.tmp(self._cast(m) + self._cast(n) + self._tile(m, n) * (2 if two_tiles else 1)
+                  + (2 * m * fs if sigmoid else 0))
+            return
+        for rows, cols, name in ((m, n, "_a"), (n, m, "_b")):
+            splits = self._grad_splits(rows, cols)
+            h.new(rows * d * fs, out + name)
+            h.tmp(splits * rows * d * fs if splits > 1 else 0)  # the partials, summed into the output
+
+
+def _header_memory(h: _Heap, prob: Problem) -> None:
+    """The header exchange: the image rows' norms, the 7 fields, the gathered table and its integer views."""
+    h.tmp(prob.batch * prob.es + 64 + prob.world * (56 + 40))
+
+
+def _clip_weight_memory(h: _Heap, prob: Problem, local_loss: bool, gather_with_grad: bool) -> None:
+    """common.clip_weights: the column weights (two sets with local_loss and not gather_with_grad)."""
+    n, fs = prob.n, _stat_bytes(prob.dtype)
+    h.new(n * fs * (2 if local_loss and not gather_with_grad else 1), "w")
+    h.tmp(2 * n * fs)  # the owners' batch sizes and upstream gradients, repeated per column
+
+
+def _grad_epilogue_memory(h: _Heap, prob: Problem) -> None:
+    """The positive pairs' gradient terms and the final scale (O(B*D)), then the returned gradients."""
+    a = prob.batch * prob.dim * _stat_bytes(prob.dtype)
+    h.tmp(3 * a + (a if prob.es != _stat_bytes(prob.dtype) else 0))
+    h.new(2 * a, "bwd_out")
+
+
+def _mmfast_memory(prob: Problem, g: int, loss: str, backend: str = "nccl", order: str = "column-first",
+                   local_loss: bool = True, gather_with_grad: bool = True) -> int:
+    """Peak bytes allocated inside mmfast's ``gather`` loss (forward + backward), equal batches, by
+    replaying the allocations of :mod:`mmfast.distributed.gather` in order (each tensor freed when the
+    last variable holding it lets go); ``order="intra-first"``: :func:`_mmfast_memory_intra_first`
+    (the what-if).
+
+    Forward: the column block ``K*B*D`` (column all-gather), the group all-gather's output ``N*D`` (by
+    position), the texts in rank order (a copy when g > 1 and K > 1; kept for backward), the copy of
+    the other columns (``index_select``), the O(N) column statistics and their all-reduce (CLIP).
+    Backward: the kept texts, the partials ``N*D`` in the feature dtype, per column set its copy
+    (``index_select``) and the kernel's gradients (with their cast to the feature dtype); the group
+    reduce-scatter's padded copy of the partials, its by-position transpose (a copy when K > 1) and
+    its output; the own block's padded partials and their sum with the group's, the column
+    reduce-scatter's output. ``backend="nccl"``: a GPU with NCCL and the Triton kernels;
+    ``"gloo"``: CPU, gloo and the C++ kernels (:class:`_Kernels`), gloo's all-gather buffers (one of
+    the output's size during the call; when async, a second one until the wait) and the all-to-all's
+    receive buffer (the size of its input, until its chunks are summed).
     """
     if order == "intra-first":
         return _mmfast_memory_intra_first(prob, g, loss, backend)
@@ -578,77 +785,227 @@ def _mmfast_memory(prob: Problem, g: int, loss: str, backend: str = "nccl", orde
     own = k * b  # the column block: ranks j * g + p
     oth = n - own  # every other column (none when g == 1)
     gloo, clip = backend == "gloo", loss == "clip"
-
-    def ws(cols: int) -> int:  # the C++ kernels' fp32 copies (rows; columns too for 16-bit features)
-        return (b * d * fs + (cols * d * fs if es < 4 else 0)) if gloo else 0
-
-    m = _Mem()
-    # ---- forward
-    m.alloc("sizes", 32 * (w + 1))
-    if k > 1:  # column all-gather (sync) of the own texts into the column block
-        m.alloc("col", own * d * es)
+    h = _Heap()
+    kern = _Kernels(h, prob, backend)
+    _header_memory(h, prob)
+    # ---- forward: _TextExchange
+    h.new(0, "f_local")  # the text itself
+    if k > 1:
+        h.new(own * d * es, "f_col")
         if gloo:
-            m.tmp(own * d * es)
-    if g > 1:  # async group all-gather of the column block, by position
-        m.alloc("by_pos", n * d * es)
+            h.tmp(own * d * es)
+    else:
+        h.alias("f_col", "f_local")
+    if g > 1:
+        h.new(n * d * es, "f_by_pos")
         if gloo:
-            m.alloc("ag_tmp", n * d * es)
-    m.alloc("idx", n * 8)  # _column_split's index tensors
-    m.tmp(ws(own))
-    m.alloc("own_stats", (2 * b + (2 * own if clip else 0)) * fs)
-    m.free("ag_tmp")  # wait_all
-    if g > 1 and k > 1:  # [g, K, B, D] -> rank order: a copy (else a view of by_pos / col)
-        m.alloc("texts", n * d * es)
+            h.tmp(n * d * es)
+            h.new(n * d * es, "f_ag_buf")  # to the wait
+    else:
+        h.alias("f_by_pos", "f_col")
+    h.new(n * 8, "f_idx")  # _column_split's index tensors
+    (kern.softmax_fwd if clip else kern.sigmoid_fwd)(b, own, "f_st1")
+    h.drop("f_ag_buf")  # wait_all
+    if g > 1 and k > 1:  # [g, K, B, D] -> rank order: a copy (else a view)
+        h.new(n * d * es, "texts")
+    else:
+        h.alias("texts", "f_by_pos")
     if clip:
-        m.alloc("col_lse", n * fs)
-        m.alloc("col_el", n * fs)
+        h.new(n * fs, "f_col_lse")
+        h.new(n * fs, "f_col_el")
+        h.drop("f_st1_c")
     if oth:
-        m.alloc("others", oth * d * es)
-        m.tmp(ws(oth))
-        m.alloc("oth_stats", (2 * b + (2 * oth if clip else 0)) * fs)
+        h.new(oth * d * es, "f_sel")
+        (kern.softmax_fwd if clip else kern.sigmoid_fwd)(b, oth, "f_st2")
+        h.tmp(4 * b * fs)
+        h.new((2 if clip else 1) * b * fs, "rows")  # the merged row statistics (SigLIP: the sum)
+        h.drop("f_st2_r", "f_st2_c", "f_sel")
+    else:
+        h.alias("rows", "f_st1_r")
+    h.drop("f_st1_r")
+    h.tmp(b * d * fs + (2 * b * d * fs if es != fs else 0))  # positive_logits
     if clip:
-        m.tmp(6 * n * fs)  # gmax, weights, stacked sums, logs
-    # the texts kept for backward: the copy, or by_pos (g > 1), or the column block (g == 1)
-    m.free("sizes", "idx", "own_stats", "others", "oth_stats", "col_el",
-           "col" if g > 1 else "", "by_pos" if k > 1 else "")
+        h.tmp(n * (4 + 8 + 8))  # logit_bound: the fp32 norms, in fp64, the product
+        h.new(n * 8, "f_shift")
+        h.tmp(6 * n * 8)  # combine_column_stats: fp64 copies, exp, weighted, the packed all-reduce
+        h.new(n * fs, "col_lse")
+        h.new(n * fs, "f_col_el")
+    h.drop_prefix("f_")  # saved: the texts, the row and column log-sum-exp (CLIP)
     # ---- backward
     if clip:
-        m.alloc("vec", 3 * n * fs)  # owner_b, a_col, b_col
-    m.alloc("idx", n * 8)
-    m.alloc("partial", n * d * es)
-    m.alloc("d_image", b * d * fs)
+        _clip_weight_memory(h, prob, local_loss, gather_with_grad)
+    h.new(n * 8, "idx")
+    h.new(n * d * es, "partial")
+    h.new(b * d * fs, "d_image")
+    two = clip and local_loss and not gather_with_grad
 
-    def grads(cols: int) -> None:  # the column set's copy, the kernel's outputs and their cast
-        m.alloc("sel", cols * d * es + (2 * cols * fs if clip else 0))
-        m.alloc("d_i", b * d * fs)
-        m.alloc("d_t", cols * d * fs)
-        m.tmp(ws(cols))
+    def grads(cols: int, out: str) -> None:  # the column set's copy, the kernel, the cast
+        h.new(cols * d * es + (2 * cols * fs if clip else 0), "g_sel")
+        kern.grads(b, cols, "g_k", two_tiles=two, sigmoid=not clip)
         if es != fs:
-            m.alloc("d_t_lp", cols * d * es)
-        m.free("sel", "d_i", "d_t" if es != fs else "")
+            h.new(cols * d * es, out)
+        else:
+            h.alias(out, "g_k_b")
+        h.drop("g_k_a", "g_k_b", "g_sel")
 
     if oth:
-        grads(oth)  # scattered into the partials (index_copy_), then freed
-        m.free("d_t", "d_t_lp")
+        grads(oth, "dt_oth")
+        h.drop("dt_oth")  # index_copy_ into the partials
     if g > 1:  # padded copy of the partials, by position (a copy when K > 1), async reduce-scatter
-        m.alloc("full", n * d * es)
+        h.new(n * d * es, "r_full")
         if k > 1:
-            m.alloc("by_pos_g", n * d * es)
-        m.alloc("grp", own * d * es)
+            h.new(n * d * es, "r_by_pos")
+        else:
+            h.alias("r_by_pos", "r_full")
         if gloo:
-            m.alloc("rs_copy", n * d * es)
-    grads(own)
-    m.alloc("own", own * d * es)  # padded_blocks of the own block's gradients
-    m.free("d_t", "d_t_lp")
+            h.new(n * d * es, "r_recv")
+        else:
+            h.new(own * d * es, "r_grp")
+    grads(own, "r_dt_own")
+    h.new(own * d * es, "r_own")  # padded_blocks of the own block's gradients
+    h.drop("r_dt_own")
     if g > 1:
-        m.alloc("own_sum", own * d * es)  # own + grp
-        m.free("own")
-    if k > 1:
-        m.alloc("mine", b * d * es)
         if gloo:
-            m.tmp(own * d * es)
-    m.free("full", "by_pos_g", "grp", "rs_copy")
-    return m.peak
+            h.new(own * d * es, "r_grp")  # the sum of the received chunks
+            h.drop("r_recv")
+        h.new(own * d * es, "r_own")  # own + group's
+    if k > 1:
+        if gloo:
+            h.tmp(own * d * es)
+        h.new(b * d * es, "mine")
+    else:
+        h.alias("mine", "r_own")
+    h.drop_prefix("r_")
+    if es != fs:
+        h.new(b * d * fs, "mine")
+    _grad_epilogue_memory(h, prob)
+    return h.peak
+
+
+def _ring_memory(prob: Problem, g: int, loss: str, backend: str = "nccl", local_loss: bool = True,
+                 gather_with_grad: bool = True) -> int:
+    """Peak bytes allocated inside mmfast's ``ring`` loss (forward + backward), equal batches, by
+    replaying the allocations of :mod:`mmfast.distributed.ring` in order.
+
+    Per step: the piece in hand and the next one being received (``B*D`` each); with g > 1 also the
+    group block in hand and the next one being gathered (``g*B*D`` each; the generator hands a block
+    over and keeps no reference, the caller lets go of it after its tiles). Forward: the O(N) column
+    statistics and bounds, their fp64 all-reduce. Backward, per block: the kernel's gradients
+    (``B*D`` and ``g*B*D`` in the accumulation dtype), the group reduce-scatter (gloo: the
+    all-to-all's receive buffer ``g*B*D`` and the summed chunk), the own sum, the running sum being
+    sent (kept by its send until the next wait) and the one being received (``B*D`` each). Nothing
+    scales with ``W*B*D``: ``O(g*B*D + W*B)``. ``backend``: as :func:`_mmfast_memory`.
+    """
+    w, b, d, n, es, fs = prob.world, prob.batch, prob.dim, prob.n, prob.es, _stat_bytes(prob.dtype)
+    k = w // g
+    piece, acc = b * d * es, b * d * fs
+    gloo, clip = backend == "gloo", loss == "clip"
+    h = _Heap()
+    kern = _Kernels(h, prob, backend)
+
+    def blocks(tag: str):
+        """_blocks: yields s once the caller holds block s (as ``<tag>block``; the caller drops it)."""
+        pv, nv, bv, gv, av = (f"{tag}_g_{x}" for x in ("piece", "nxt", "block", "gath", "agbuf"))
+        h.new(0, pv)  # the text itself
+        if g == 1:  # the block is the piece, which the generator keeps to the next wait
+            for s in range(k):
+                if s + 1 < k:
+                    h.new(piece, nv)  # exchange(piece, empty_like(piece))
+                h.alias(tag + "block", pv)
+                yield s
+                if s + 1 < k:
+                    h.alias(pv, nv)  # piece = nxt.wait()
+                    h.drop(nv)
+        else:
+            if k > 1:
+                h.new(piece, nv)
+            h.new(g * piece, bv)  # the first group all-gather (synchronous)
+            if gloo:
+                h.tmp(g * piece)
+            for s in range(k):
+                h.drop(gv)
+                if s + 1 < k:
+                    h.alias(pv, nv)  # piece = nxt.wait()
+                    if s + 2 < k:
+                        h.new(piece, nv)
+                    else:
+                        h.drop(nv)
+                    h.new(g * piece, gv)  # the next block's all-gather (async)
+                    if gloo:
+                        h.tmp(g * piece)
+                        h.new(g * piece, av)
+                h.alias(tag + "block", bv)  # holder = [block]; block = None
+                h.drop(bv)
+                yield s
+                if s + 1 < k:
+                    h.drop(av)  # wait
+                    h.alias(bv, gv)
+        h.drop_prefix(f"{tag}_g_")
+
+    _header_memory(h, prob)
+    # ---- forward
+    if clip:
+        h.new(n * fs, "f_col_lse")
+        h.new(n * fs, "f_col_el")
+        h.new(n * 8, "f_shift")
+    else:
+        h.new(b * fs, "f_total")
+    for s in blocks("f_"):
+        if clip:
+            h.tmp(g * b * (4 + 8 + 8 + 8))  # logit_bound of the block
+            kern.softmax_fwd(b, g * b, "f_st")
+            if s:
+                h.tmp(4 * b * fs)
+                h.new(2 * b * fs, "rows")  # merge_lse
+            else:
+                h.alias("rows", "f_st_r")
+            h.drop("f_st_r", "f_st_c")
+        else:
+            kern.sigmoid_fwd(b, g * b, "f_st")
+            h.new(b * fs, "f_total")
+            h.drop("f_st_r")
+        h.drop("f_block")
+    h.tmp(b * d * fs + (2 * b * d * fs if es != fs else 0))  # positive_logits
+    if clip:
+        h.tmp(6 * n * 8)  # combine_column_stats
+        h.new(n * fs, "col_lse")
+        h.new(n * fs, "f_col_el")
+    h.drop_prefix("f_")  # saved: the row and column log-sum-exp (CLIP)
+    # ---- backward
+    if clip:
+        _clip_weight_memory(h, prob, local_loss, gather_with_grad)
+    h.new(acc, "d_image")
+    two = clip and local_loss and not gather_with_grad
+    for s in blocks("b_"):
+        kern.grads(b, g * b, "b_k", two_tiles=two, sigmoid=not clip)
+        h.drop("b_k_a", "b_block")  # d_i added into d_image; the block (an argument) let go
+        if g > 1:  # reduce-scatter of the partial inside the group
+            if gloo:
+                h.new(g * acc, "b_rs_recv")
+                h.new(acc, "b_mine")
+                h.drop("b_rs_recv")
+            else:
+                h.new(acc, "b_mine")
+        else:
+            h.alias("b_mine", "b_k_b")
+        h.drop("b_k_b")  # del part, padded
+        if s == 0:
+            h.alias("b_own", "b_mine")
+            h.drop("b_mine")
+            continue
+        h.drop("b_keep")  # incoming.wait(): the last send's buffer is let go
+        h.alias("b_keep", "b_mine")  # running = mine (+= the received sum, in place), sent on
+        h.drop("b_mine")
+        h.new(acc, "b_in_new")  # empty_like(running); then the previous receive buffer is let go
+        h.alias("b_in", "b_in_new")
+        h.drop("b_in_new")
+    if k > 1:
+        h.drop("b_keep")
+        h.new(acc, "b_own")  # own + incoming.wait()
+    h.alias("d_text", "b_own")
+    h.drop_prefix("b_")
+    _grad_epilogue_memory(h, prob)
+    return h.peak
 
 
 def _mmfast_memory_intra_first(prob: Problem, g: int, loss: str, backend: str = "nccl") -> int:
@@ -779,6 +1136,27 @@ def _open_clip_memory(prob: Problem, local_loss: bool, gather_with_grad: bool, b
     return m.peak
 
 
+def _merge_steps(stages: list[Stage]) -> list[Stage]:
+    """Consecutive stages of the same name, collectives and compute as one stage with a repeat count."""
+    out: list[Stage] = []
+    for st in stages:
+        key = (st.name, [(c.op, c.group, c.payload, c.dtype, c.phase) for c in st.comm], st.compute_s, st.overlap,
+               st.concurrent)
+        if out:
+            last = out[-1]
+            if key == (last.name, [(c.op, c.group, c.payload, c.dtype, c.phase) for c in last.comm], last.compute_s,
+                       last.overlap, last.concurrent):
+                last.repeat += st.repeat
+                continue
+        out.append(st)
+    return out
+
+
+def _reduce_scatter_op(backend: str) -> str:
+    """What :func:`mmfast.distributed.comm.reduce_scatter` issues: NCCL's reduce-scatter, gloo an all-to-all."""
+    return "reduce_scatter_tensor" if backend == "nccl" else "all_to_all_single"
+
+
 def predict_mmfast(
     prob: Problem,
     cluster: Cluster,
@@ -790,53 +1168,67 @@ def predict_mmfast(
     gather_with_grad: bool = True,
     backend: str = "nccl",
     order: str = "column-first",
+    exchange: str = "gather",
 ) -> Prediction:
-    """mmfast's grouped all-gather loss (``loss``: ``clip`` or ``siglip``) with ``group_size`` g.
+    """mmfast's distributed loss (``loss``: ``clip`` or ``siglip``) with ``group_size`` g and
+    ``exchange`` ``gather`` (:mod:`mmfast.distributed.gather`) or ``ring``
+    (:mod:`mmfast.distributed.ring`, see :func:`predict_mmfast_ring`). ``backend``: ``nccl`` (a GPU:
+    NCCL's reduce-scatter, the Triton kernels' memory) or ``gloo`` (CPU: reduce-scatters are
+    all-to-alls, the C++ kernels' and gloo's buffers).
 
-    ``order="column-first"`` is what mmfast does: the own text goes over the ``column`` ring first
-    (``B*D`` a rank) and the ``K*B*D`` column block is then all-gathered inside the group (mirrored in
-    backward), so each remote text crosses into a node once. ``order="intra-first"`` is a what-if
-    (mmfast's first implementation): gather inside the group first, then pass ``g*B*D`` group blocks
-    over the column ring, so each remote text crosses into a node g times.
+    ``gather`` with ``order="column-first"`` is what mmfast does: the own text goes over the
+    ``column`` ring first (``B*D`` a rank) and the ``K*B*D`` column block is then all-gathered inside
+    the group (mirrored in backward), so each remote text crosses into a node once.
+    ``order="intra-first"`` is a what-if (mmfast's first implementation): gather inside the group
+    first, then pass ``g*B*D`` group blocks over the column ring, so each remote text crosses into a
+    node g times.
     """
+    if exchange == "ring":
+        if order != "column-first":
+            raise ValueError("order='intra-first' is a what-if of the gather exchange only")
+        return predict_mmfast_ring(prob, cluster, rates, group_size, loss=loss, local_loss=local_loss,
+                                   gather_with_grad=gather_with_grad, backend=backend)
+    if exchange != "gather":
+        raise ValueError(f"exchange {exchange!r}: gather or ring")
     w, b, d, es = prob.world, prob.batch, prob.dim, prob.es
     g = group_size
     if w % g:
         raise ValueError(f"group_size {g} does not divide the world size {w}")
     if order not in ("intra-first", "column-first"):
         raise ValueError(f"order {order!r}: column-first (mmfast) or intra-first (what-if)")
+    if backend not in ("nccl", "gloo"):
+        raise ValueError(f"backend {backend!r}: nccl or gloo")
     k, n, fs = w // g, prob.n, _stat_bytes(prob.dtype)
     dt, st = prob.dtype, "float64" if fs == 8 else "float32"
-    bld = _Builder(prob, cluster)
+    bld = _Builder(prob, cluster, backend)
     blk = b * d * es
     if order == "intra-first":  # (family, its size, payload) of the first and the second exchange
         first, second, own = ("intra", g, blk), ("column", k, g * blk), g * b
     else:
         first, second, own = ("column", k, blk), ("intra", g, k * blk), k * b
     others = n - own
+    rs_op = "reduce_scatter_tensor" if order == "intra-first" else _reduce_scatter_op(backend)
 
     def coll(op: str, fam: tuple[str, int, int], payload: int, phase: str) -> list[Collective]:
         return [bld.ring(op, fam[0], g, payload, dt, phase)] if fam[1] > 1 else []
 
-    sizes = bld.ring("all_gather_into_tensor", "world", g, 32, "int64", "forward", "batch sizes")
-    fwd = [Stage("size exchange", [sizes]),
+    header = bld.ring("all_gather_into_tensor", "world", g, 8 * 7, "float64", "forward", "header")
+    fwd = [Stage("header exchange", [header]),
            Stage(f"{first[0]} all-gather", coll("all_gather_into_tensor", first, first[2], "forward")),
            Stage(f"{second[0]} all-gather | own tiles", coll("all_gather_into_tensor", second, second[2], "forward"),
                  _tile_fwd(rates, b, own, d), overlap=True)]
-    # elementwise passes over O(N*D) buffers (bytes read + written): the copy of the other columns
-    # (and, column-first, the texts' transpose to rank order)
+    # elementwise passes over O(N*D) buffers (bytes read + written): the copy of the other columns,
+    # the column bound's norms over the texts (CLIP) and, column-first, the texts' transpose
     oth = others if second[1] > 1 else 0
-    copies_fwd = 2 * oth * d * es
+    copies_fwd = 2 * oth * d * es + (n * d * es if loss == "clip" else 0)
     if order == "column-first" and g > 1 and k > 1:  # wait_all's transpose to rank order
         copies_fwd += 2 * n * d * es
     fwd.append(Stage("other tiles", [], _tile_fwd(rates, b, others, d) + copies_fwd / rates.mem_bw))
     bwd: list[Stage] = []
     if loss == "clip":
-        stats = [bld.ring("all_reduce", "world", g, n * fs, st, "forward", "column max"),
-                 bld.ring("all_reduce", "world", g, 2 * n * fs, st, "forward", "column sums")]
-        if not local_loss:
-            stats.append(bld.ring("all_reduce", "world", g, 2 * fs, st, "forward", "global loss"))
-        fwd.append(Stage("column statistics", stats))
+        # one all-reduce of the column sums and weighted means (2N) and the 3 loss terms, fp64
+        fwd.append(Stage("column statistics", [bld.ring("all_reduce", "world", g, (2 * n + 3) * 8, "float64",
+                                                        "forward", "column statistics + loss terms")]))
         if gather_with_grad:
             op = "all_gather_into_tensor" if local_loss else "all_reduce"
             bwd.append(Stage("grad scalars", [bld.ring(op, "world", g, fs, st, "backward")]))
@@ -848,19 +1240,21 @@ def predict_mmfast(
     else:
         # zeroed partials (feature dtype); per column set its copy (index_select) and the cast of the
         # kernel's fp32 gradient; the other columns scattered back (index_copy_); the group
-        # reduce-scatter's padded copy (zeros + copy) and by-position transpose (K > 1); the own
-        # block's padded copy and its sum with the group's
+        # reduce-scatter's padded copy (zeros + copy) and by-position transpose (K > 1) and, on gloo,
+        # the sum of its received chunks; the own block's padded copy and its sum with the group's; on
+        # gloo the column all-to-all's sum
         cast = (fs + es) * d if es != fs else 0
+        gloo = backend == "gloo"
         copies_bwd = n * d * es + 2 * n * d * es + n * cast + 2 * oth * d * es \
-            + ((3 + (2 if k > 1 else 0)) * n * d * es if g > 1 else 0) + 3 * own * d * es \
-            + (3 * own * d * es if g > 1 else 0)
+            + ((3 + (2 if k > 1 else 0) + (1 if gloo else 0)) * n * d * es + own * d * es * (1 if gloo else 0)
+               if g > 1 else 0) \
+            + 3 * own * d * es + (3 * own * d * es if g > 1 else 0) + ((own + b) * d * es if gloo and k > 1 else 0)
     bwd.append(Stage("other tiles (bwd)", [], _tile_bwd(rates, b, others, d) + copies_bwd / rates.mem_bw))
     bwd.append(Stage(f"{second[0]} reduce-scatter | own tiles",
-                     coll("reduce_scatter_tensor", second, second[1] * second[2], "backward"),
+                     coll(rs_op, second, second[1] * second[2], "backward"),
                      _tile_bwd(rates, b, own, d), overlap=True))
-    bwd.append(Stage(f"{first[0]} reduce-scatter", coll("reduce_scatter_tensor", first, first[1] * first[2],
-                                                         "backward")))
-    params: dict[str, Any] = {"group_size": g}
+    bwd.append(Stage(f"{first[0]} reduce-scatter", coll(rs_op, first, first[1] * first[2], "backward")))
+    params: dict[str, Any] = {"group_size": g, "exchange": "gather"}
     if loss == "clip":
         params.update(local_loss=local_loss, gather_with_grad=gather_with_grad)
     name = "mmfast-clip" if loss == "clip" else "mmfast-siglip"
@@ -868,8 +1262,104 @@ def predict_mmfast(
     if order == "intra-first":
         name, label = name + "-intrafirst", label + " intra-first (what-if)"
     stages = [st_ for st_ in fwd + bwd if st_.comm or st_.compute_s]
-    return Prediction(name, label, prob, params, stages, _mmfast_memory(prob, g, loss, backend, order), cluster.name,
-                      rates.source)
+    mem = _mmfast_memory(prob, g, loss, backend, order, local_loss, gather_with_grad)
+    return Prediction(name, label, prob, params, stages, mem, cluster.name, rates.source)
+
+
+def predict_mmfast_ring(
+    prob: Problem,
+    cluster: Cluster,
+    rates: ComputeRates,
+    group_size: int,
+    *,
+    loss: str = "clip",
+    local_loss: bool = True,
+    gather_with_grad: bool = True,
+    backend: str = "nccl",
+) -> Prediction:
+    """mmfast's ``ring`` exchange (:mod:`mmfast.distributed.ring`) with ``group_size`` g, K = W/g groups.
+
+    Collectives as the code issues them: the header (7 fp64 a rank, world all-gather). Forward: K
+    group all-gathers of ``B*D`` pieces (g > 1; the first synchronous, the others async), K-1 column
+    ring steps (one ``batch_isend_irecv``: one ``B*D`` isend + one irecv, feature dtype); CLIP one
+    world all-reduce of ``2N + 4`` fp64 (column statistics, 3 loss terms, a failure flag), SigLIP one
+    of 1 fp64 (the flag). Backward: CLIP with gather_with_grad the upstream-gradient scalar
+    exchange; K group all-gathers and K-1 text ring steps again, K group reduce-scatters of
+    ``g*B*D`` (gloo: all-to-all) and K-1 gradient ring steps of ``B*D``, both in the accumulation
+    dtype; a final 1-fp64 all-reduce (the failure flag).
+
+    Time, as the code overlaps: the tiles of the block in hand (``B x g*B``) run while the next
+    piece travels the column ring and (g > 1) the next block's group all-gather runs, and in
+    backward while the previous running gradient sum travels on (the same link as the texts: their
+    times add); families on different links (``column``, ``intra``) run at once. With g > 1 the next
+    piece is received one step ahead, so the first step waits for one ring step and the first
+    all-gather; the group reduce-scatter of each block is synchronous, after its tiles; the last
+    gradient hop is exposed.
+    """
+    w, b, d, es = prob.world, prob.batch, prob.dim, prob.es
+    g = group_size
+    if w % g:
+        raise ValueError(f"group_size {g} does not divide the world size {w}")
+    if backend not in ("nccl", "gloo"):
+        raise ValueError(f"backend {backend!r}: nccl or gloo")
+    k, n, fs = w // g, prob.n, _stat_bytes(prob.dtype)
+    dt, st = prob.dtype, "float64" if fs == 8 else "float32"
+    clip = loss == "clip"
+    bld = _Builder(prob, cluster, backend)
+    piece, acc = b * d * es, b * d * fs
+    rs_op = _reduce_scatter_op(backend)
+
+    def text(phase: str) -> list[Collective]:
+        return [bld.column_p2p(g, piece, dt, phase, "texts")]
+
+    def gather(phase: str) -> list[Collective]:
+        return [bld.ring("all_gather_into_tensor", "intra", g, piece, dt, phase, "group block")] if g > 1 else []
+
+    # per block: the tiles, and the elementwise passes (forward: the block's norms for the bound;
+    # backward: on gloo the sum of the all-to-all's chunks, the running sum's add)
+    c_fwd = _tile_fwd(rates, b, g * b, d) + (g * b * d * es if clip else 0) / rates.mem_bw
+    c_bwd = _tile_bwd(rates, b, g * b, d) + ((g + 1) * acc * (backend == "gloo" and g > 1) + 3 * acc) / rates.mem_bw
+    stages = [Stage("header exchange", [bld.ring("all_gather_into_tensor", "world", g, 8 * 7, "float64", "forward",
+                                                 "header")])]
+    for phase in ("forward", "backward"):
+        if phase == "backward" and clip and gather_with_grad:
+            op = "all_gather_into_tensor" if local_loss else "all_reduce"
+            stages.append(Stage("grad scalars", [bld.ring(op, "world", g, fs, st, "backward")]))
+        steps: list[Stage] = []
+        if g > 1:  # the next piece is received while the first block is gathered (synchronously)
+            steps.append(Stage("first ring step + group all-gather", (text(phase) if k > 1 else []) + gather(phase),
+                               concurrent=True))
+        for s in range(k):
+            ahead = s + 1 < k if g == 1 else s + 2 < k
+            comm = (text(phase) if ahead else []) + (gather(phase) if g > 1 and s + 1 < k else [])
+            if phase == "backward" and s >= 2:  # the running sum sent at the end of step s-1
+                comm += [bld.column_p2p(g, acc, st, phase, "gradient sums")]
+            kinds = "+".join(sorted({c.note for c in comm})) or "no exchange"
+            steps.append(Stage(f"{phase} block tiles | {kinds}", comm, c_fwd if phase == "forward" else c_bwd,
+                               overlap=True, concurrent=True))
+            if phase == "backward" and g > 1:
+                steps.append(Stage("group reduce-scatter",
+                                   [bld.ring(rs_op, "intra", g, g * acc, st, phase, "block gradients")]))
+        stages += _merge_steps(steps)
+        if phase == "forward":
+            if clip:
+                stages.append(Stage("column statistics", [bld.ring(
+                    "all_reduce", "world", g, (2 * n + 4) * 8, "float64", phase,
+                    "column statistics + loss terms + failure flag")]))
+            else:
+                stages.append(Stage("failure flag", [bld.ring("all_reduce", "world", g, 8, "float64", phase, "flag")]))
+        else:
+            if k > 1:
+                stages.append(Stage("last gradient hop", [bld.column_p2p(g, acc, st, phase, "gradient sums")]))
+            stages.append(Stage("failure flag", [bld.ring("all_reduce", "world", g, 8, "float64", phase, "flag")]))
+    params: dict[str, Any] = {"group_size": g, "exchange": "ring"}
+    if clip:
+        params.update(local_loss=local_loss, gather_with_grad=gather_with_grad)
+    name = "mmfast-clip" if clip else "mmfast-siglip"
+    label = f"mmfast {'ClipLoss' if clip else 'SigLipLoss'} g={g} ring"
+    stages = [st_ for st_ in stages if st_.comm or st_.compute_s]
+    mem = _ring_memory(prob, g, loss, backend, local_loss, gather_with_grad)
+    return Prediction(name, label, prob, params, stages, mem, cluster.name, rates.source)
 
 
 def predict_open_clip_clip(
@@ -985,34 +1475,66 @@ def predict_all(
     include_siglip: bool = True,
     include_inf_cl: bool = True,
     include_whatif: bool = False,
+    exchanges: Sequence[str] = EXCHANGES,
 ) -> list[Prediction]:
     """Every scheme on one problem: open_clip ClipLoss (local+gwg), open_clip SigLipLoss (bidir),
-    Inf-CL, mmfast ClipLoss (local+gwg) for each group size dividing W (and mmfast SigLipLoss);
-    ``include_whatif`` adds mmfast ClipLoss with the intra-first order (mmfast's first implementation)."""
+    Inf-CL, mmfast ClipLoss (local+gwg) for each group size dividing W and each of ``exchanges``
+    (``ring`` for the group sizes with more than one group: with one, the ring is the gather), and
+    mmfast SigLipLoss likewise; ``include_whatif`` adds mmfast ClipLoss with the intra-first order
+    (mmfast's first implementation)."""
     w = prob.world
     gs = sorted(group_sizes) if group_sizes is not None else [g for g in range(1, w + 1) if w % g == 0]
+    cfgs = [(g, ex) for ex in exchanges for g in gs if ex == "gather" or g < w]
     preds = [predict_open_clip_clip(prob, cluster, rates)]
     if include_siglip:
         preds.append(predict_open_clip_siglip(prob, cluster, rates))
     if include_inf_cl:
         preds.append(predict_inf_cl(prob, cluster, rates))
-    preds += [predict_mmfast(prob, cluster, rates, g) for g in gs]
+    preds += [predict_mmfast(prob, cluster, rates, g, exchange=ex) for g, ex in cfgs]
     if include_siglip:
-        preds += [predict_mmfast(prob, cluster, rates, g, loss="siglip") for g in gs]
+        preds += [predict_mmfast(prob, cluster, rates, g, loss="siglip", exchange=ex) for g, ex in cfgs]
     if include_whatif:
         preds += [predict_mmfast(prob, cluster, rates, g, order="intra-first") for g in gs]
     return preds
 
 
-def recommend(preds: Sequence[Prediction], scheme: str = "mmfast-clip", rel_tol: float = 0.01) -> Prediction:
-    """The ``scheme`` prediction with the least step time; predictions within ``rel_tol`` of it tie,
-    and the tie goes to the one with less memory (then the smaller group)."""
-    cands = [p for p in preds if p.scheme == scheme]
+def recommend(preds: Sequence[Prediction], scheme: str = "mmfast-clip", rel_tol: float = 0.01, *,
+              exchange: str | None = None, memory_budget: float | None = None) -> Prediction:
+    """The ``scheme`` prediction with the least step time, group size and exchange chosen together
+    (``exchange`` names one to keep only its predictions); predictions within ``rel_tol`` of it tie,
+    and the tie goes to the one with less memory (then the smaller group). ``memory_budget`` (bytes):
+    only the predictions whose peak loss memory fits it are candidates; when none fits, the one with
+    the least memory is returned."""
+    cands = [p for p in preds if p.scheme == scheme and (exchange is None or p.exchange == exchange)]
     if not cands:
-        raise ValueError(f"no {scheme} prediction")
+        raise ValueError(f"no {scheme} prediction" + (f" with exchange {exchange!r}" if exchange else ""))
+    if memory_budget is not None:
+        fit = [p for p in cands if p.peak_memory_bytes <= memory_budget]
+        if not fit:
+            return min(cands, key=lambda p: (p.peak_memory_bytes, p.step_s))
+        cands = fit
     best = min(p.step_s for p in cands)
     ties = [p for p in cands if p.step_s <= best * (1 + rel_tol)]
     return min(ties, key=lambda p: (p.peak_memory_bytes, p.step_s, p.params.get("group_size", 0)))
+
+
+def recommend_config(
+    prob: Problem,
+    cluster: Cluster = DGX_H200,
+    rates: ComputeRates = H200_BF16,
+    *,
+    loss: str = "clip",
+    memory_budget: float | None = DEFAULT_MEMORY_BUDGET,
+    backend: str = "nccl",
+) -> Prediction:
+    """The recommended ``(group_size, exchange)`` of mmfast's ``loss`` for ``prob`` on ``cluster``
+    (``params["group_size"]``, ``params["exchange"]``): the fastest predicted configuration whose
+    peak loss memory fits ``memory_budget`` (default 512 MiB, the budget of ``exchange="auto"``;
+    ``None``: the fastest), see :func:`recommend`."""
+    w = prob.world
+    cfgs = [(g, ex) for ex in EXCHANGES for g in range(1, w + 1) if w % g == 0 and (ex == "gather" or g < w)]
+    preds = [predict_mmfast(prob, cluster, rates, g, loss=loss, exchange=ex, backend=backend) for g, ex in cfgs]
+    return recommend(preds, "mmfast-clip" if loss == "clip" else "mmfast-siglip", memory_budget=memory_budget)
 
 
 # ------------------------------------------------------------------------------------- calibration
@@ -1132,10 +1654,12 @@ def _fmt_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
-def _series(preds: Sequence[Prediction], gpn: int) -> dict[str, list[Prediction]]:
-    """The lines drawn / tabulated: the baselines, mmfast ClipLoss g=1, g=node (mmfast's default under
-    torchrun), g=W and the recommended g, mmfast SigLipLoss's best g, and, when predicted, the
-    intra-first what-if at g=node."""
+def _series(preds: Sequence[Prediction], gpn: int, memory_budget: float | None = DEFAULT_MEMORY_BUDGET
+            ) -> dict[str, list[Prediction]]:
+    """The lines drawn / tabulated: the baselines; mmfast ClipLoss gather with g=1, g=node (mmfast's
+    default under torchrun), g=W and its best g; the ring with its best g; the recommended
+    (group_size, exchange) within ``memory_budget``; mmfast SigLipLoss's recommended configuration;
+    and, when predicted, the intra-first what-if at g=node."""
     s: dict[str, list[Prediction]] = {}
     by_world: dict[int, list[Prediction]] = {}
     for p in preds:
@@ -1145,54 +1669,86 @@ def _series(preds: Sequence[Prediction], gpn: int) -> dict[str, list[Prediction]
             g = p.params.get("group_size")
             if p.scheme in ("open_clip-clip", "open_clip-siglip", "inf-cl"):
                 s.setdefault(p.label, []).append(p)
-            elif p.scheme == "mmfast-clip":
+            elif p.scheme == "mmfast-clip" and p.exchange == "gather":
                 for name, want in (("g=1", 1), ("g=node", min(gpn, w)), ("g=W", w)):
                     if g == want:
                         s.setdefault(f"mmfast ClipLoss {name}", []).append(p)
             elif p.scheme == "mmfast-clip-intrafirst" and g == min(gpn, w):
                 s.setdefault("what-if: intra-first g=node", []).append(p)
-        s.setdefault("mmfast ClipLoss best g", []).append(recommend(ps))
+        s.setdefault("mmfast ClipLoss gather best g", []).append(recommend(ps, exchange="gather"))
+        if any(p.scheme == "mmfast-clip" and p.exchange == "ring" for p in ps):
+            s.setdefault("mmfast ClipLoss ring best g", []).append(recommend(ps, exchange="ring"))
+        s.setdefault("mmfast ClipLoss recommended", []).append(recommend(ps, memory_budget=memory_budget))
         if any(p.scheme == "mmfast-siglip" for p in ps):
-            s.setdefault("mmfast SigLipLoss best g", []).append(recommend(ps, "mmfast-siglip"))
+            s.setdefault("mmfast SigLipLoss recommended", []).append(
+                recommend(ps, "mmfast-siglip", memory_budget=memory_budget))
     return s
 
 
-def format_table(preds: Sequence[Prediction], gpn: int) -> str:
-    """Text table per local batch size: step time and memory of each series, and the best g."""
+def _config(p: Prediction) -> str:
+    return f"{p.params['group_size']} {p.exchange}"
+
+
+_COL = 11
+
+
+def _table_row(name: str, pts: list[Prediction], fmt: Any, worlds: Sequence[int]) -> str:
+    cells = {p.problem.world: fmt(p) for p in pts}
+    return f"{name:<34}" + "".join(f"{cells.get(w, '-'):>{_COL}}" for w in worlds)
+
+
+def format_table(preds: Sequence[Prediction], gpn: int, memory_budget: float | None = DEFAULT_MEMORY_BUDGET) -> str:
+    """Text table per local batch size: step time and memory of each series, the best group size of
+    each exchange and the recommended (group_size, exchange) within ``memory_budget``."""
     lines = []
+    budget = "no memory budget" if memory_budget is None else f"loss memory budget {_fmt_bytes(memory_budget)}"
     for b in sorted({p.problem.batch for p in preds}):
         ps = [p for p in preds if p.problem.batch == b]
-        ser = _series(ps, gpn)
+        ser = _series(ps, gpn, memory_budget)
         worlds = sorted({p.problem.world for p in ps})
-        head = f"{'B=' + str(b):<28}" + "".join(f"{w:>11}" for w in worlds)
+        head = f"{'B=' + str(b):<34}" + "".join(f"{w:>{_COL}}" for w in worlds)
         lines += [head, "-" * len(head)]
+        row = functools.partial(_table_row, worlds=worlds)
+
         for name, pts in ser.items():
-            lines.append(f"{name + ' ms':<28}" + "".join(f"{p.step_s * 1e3:>11.2f}" for p in pts))
+            lines.append(row(name + " ms", pts, lambda p: f"{p.step_s * 1e3:.2f}"))
         for name, pts in ser.items():
-            lines.append(f"{name + ' mem':<28}" + "".join(f"{_fmt_bytes(p.peak_memory_bytes):>11}" for p in pts))
-        best = ser["mmfast ClipLoss best g"]
-        lines.append(f"{'recommended group_size':<28}" + "".join(f"{p.params['group_size']:>11}" for p in best))
+            lines.append(row(name + " mem", pts, lambda p: _fmt_bytes(p.peak_memory_bytes)))
+        lines.append(row("gather best group_size", ser["mmfast ClipLoss gather best g"],
+                         lambda p: str(p.params["group_size"])))
+        if "mmfast ClipLoss ring best g" in ser:
+            lines.append(row("ring best group_size", ser["mmfast ClipLoss ring best g"],
+                             lambda p: str(p.params["group_size"])))
+        rec = ser["mmfast ClipLoss recommended"]
+        lines.append(row("recommended group_size", rec, lambda p: str(p.params["group_size"])))
+        lines.append(row("recommended exchange", rec, lambda p: p.exchange))
+        lines.append(f"(recommended: the fastest ClipLoss (group_size, exchange) within the {budget})")
         lines.append("")
     return "\n".join(lines)
 
 
-def plot(preds: Sequence[Prediction], path: Path, gpn: int, title: str = "") -> Path:
+def plot(preds: Sequence[Prediction], path: Path, gpn: int, title: str = "",
+         memory_budget: float | None = DEFAULT_MEMORY_BUDGET) -> Path:
     """PNG, one row per local batch size: predicted step time against W, the same relative to open_clip
     ClipLoss (CLIP schemes), and peak loss memory."""
+    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    colors = colormaps["tab20"]
     batches = sorted({p.problem.batch for p in preds})
     fig = Figure(figsize=(17, 4.6 * len(batches)))
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(batches), 3, squeeze=False)
     for row, b in zip(axes, batches):
-        ser = _series([p for p in preds if p.problem.batch == b], gpn)
+        ser = _series([p for p in preds if p.problem.batch == b], gpn, memory_budget)
         base = {p.problem.world: p.step_s for p in ser.get("open_clip ClipLoss local+gwg", [])}
         for i, (name, pts) in enumerate(ser.items()):
-            style: dict[str, Any] = {"marker": "o", "markersize": 3, "color": f"C{i}"}
+            style: dict[str, Any] = {"marker": "o", "markersize": 3, "color": colors(i % 20)}
             if not name.startswith("mmfast"):
                 style["linestyle"] = "--" if not name.startswith("what-if") else ":"
+            elif "ring" in name:
+                style["linestyle"] = "-."
             ws = [p.problem.world for p in pts]
             row[0].plot(ws, [p.step_s * 1e3 for p in pts], label=name, **style)
             if "SigLip" not in name and base:
@@ -1208,6 +1764,8 @@ def plot(preds: Sequence[Prediction], path: Path, gpn: int, title: str = "") -> 
             ax.set_title(f"B={b} per GPU, D={preds[0].problem.dim}, {preds[0].problem.dtype}")
             ax.grid(True, which="both", alpha=0.3)
         row[1].axhline(1.0, color="grey", linewidth=0.8)
+        if memory_budget is not None:
+            row[2].axhline(memory_budget / 2**30, color="grey", linewidth=0.8, linestyle=":")
         row[1].set_ylim(0, 2.5)
         row[0].legend(fontsize=7)
     fig.suptitle(title)
@@ -1218,8 +1776,10 @@ def plot(preds: Sequence[Prediction], path: Path, gpn: int, title: str = "") -> 
 
 
 def write_outputs(preds: Sequence[Prediction], out_dir: Path, gpn: int, stem: str = "scaling",
-                  meta: dict[str, Any] | None = None) -> list[Path]:
-    """``<stem>.json`` (meta + every row), ``<stem>.csv``, ``<stem>.txt`` (the table), ``<stem>.png``."""
+                  meta: dict[str, Any] | None = None,
+                  memory_budget: float | None = DEFAULT_MEMORY_BUDGET) -> list[Path]:
+    """``<stem>.json`` (meta, the recommended (group_size, exchange) per problem, every row),
+    ``<stem>.csv``, ``<stem>.txt`` (the table), ``<stem>.png``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [p.row() for p in preds]
@@ -1229,9 +1789,15 @@ def write_outputs(preds: Sequence[Prediction], out_dir: Path, gpn: int, stem: st
         for w in sorted({p.problem.world for p in preds}):
             ps = [p for p in preds if p.problem.batch == b and p.problem.world == w]
             if ps:
-                r = recommend(ps)
-                best[f"B={b} W={w}"] = {"group_size": r.params["group_size"], "step_ms": r.step_s * 1e3,
-                                        "peak_memory_bytes": r.peak_memory_bytes}
+                r = recommend(ps, memory_budget=memory_budget)
+                entry = {"group_size": r.params["group_size"], "exchange": r.exchange, "step_ms": r.step_s * 1e3,
+                         "peak_memory_bytes": r.peak_memory_bytes, "memory_budget_bytes": memory_budget}
+                for ex in EXCHANGES:
+                    if any(p.scheme == "mmfast-clip" and p.exchange == ex for p in ps):
+                        e = recommend(ps, exchange=ex)
+                        entry[f"{ex}_best"] = {"group_size": e.params["group_size"], "step_ms": e.step_s * 1e3,
+                                               "peak_memory_bytes": e.peak_memory_bytes}
+                best[f"B={b} W={w}"] = entry
     jpath.write_text(json.dumps({"meta": meta or {}, "recommended": best, "rows": rows}, indent=1, default=str))
     keys: list[str] = []
     for r in rows:
@@ -1240,9 +1806,9 @@ def write_outputs(preds: Sequence[Prediction], out_dir: Path, gpn: int, stem: st
         wr = csv.DictWriter(f, fieldnames=keys)
         wr.writeheader()
         wr.writerows(rows)
-    table = format_table(preds, gpn)
+    table = format_table(preds, gpn, memory_budget)
     tpath.write_text(table + "\n")
-    plot(preds, ppath, gpn, title=(meta or {}).get("title", ""))
+    plot(preds, ppath, gpn, title=(meta or {}).get("title", ""), memory_budget=memory_budget)
     return [jpath, cpath, tpath, ppath]
 
 
@@ -1251,7 +1817,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m mmfast.bench.scaling",
         description="Predict per-rank loss step time, peak loss memory and bytes sent (intra/inter-node) "
-        "of open_clip ClipLoss/SigLipLoss, Inf-CL and mmfast (every group_size) for W = 8..4096.",
+        "of open_clip ClipLoss/SigLipLoss, Inf-CL and mmfast (every group_size, gather and ring exchange) for "
+        "W = 8..4096, and recommend mmfast's (group_size, exchange).",
     )
     p.add_argument("--worlds", default=",".join(map(str, DEFAULT_WORLDS)), help="comma-separated world sizes")
     p.add_argument("--batches", default=",".join(map(str, DEFAULT_BATCHES)), help="local batch sizes B")
@@ -1270,6 +1837,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate", action="store_true", help="measure the compute rates on --device and use them")
     p.add_argument("--device", default="cpu", help="device for --calibrate (cpu, cuda)")
     p.add_argument("--save-rates", type=Path, default=None, help="write the rates used to this JSON file")
+    p.add_argument("--memory-budget-mib", type=float, default=DEFAULT_MEMORY_BUDGET / 2**20,
+                   help="per-rank loss memory the recommended (group_size, exchange) must fit, MiB (default 512, "
+                   "exchange='auto''s budget; 0: none)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default benchmarks/results)")
     p.add_argument("--stem", default="scaling", help="output file stem (default scaling)")
     p.add_argument("--no-save", action="store_true", help="print only")
@@ -1302,16 +1872,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     worlds = [int(x) for x in opts.worlds.split(",") if x]
     batches = [int(x) for x in opts.batches.split(",") if x]
     preds = simulate(worlds, batches, opts.dim, opts.dtype, cluster, rates)
+    budget = opts.memory_budget_mib * 2**20 if opts.memory_budget_mib > 0 else None
     print(f"# {cluster.name}\n# compute: {rates.source}\n")
-    print(format_table(preds, cluster.gpus_per_node))
+    print(format_table(preds, cluster.gpus_per_node, budget))
     if not opts.no_save:
         from mmfast.bench.report import default_out_dir
 
         out = opts.out if opts.out is not None else default_out_dir()
         meta = {"cluster": asdict(cluster), "rates": asdict(rates), "dim": opts.dim, "dtype": opts.dtype,
+                "memory_budget_bytes": budget,
                 "command": " ".join(["python -m mmfast.bench.scaling", *(argv or sys.argv[1:])]),
                 "title": f"predicted loss step and memory, D={opts.dim} {opts.dtype}, {cluster.name}"}
-        for path in write_outputs(preds, out, cluster.gpus_per_node, opts.stem, meta):
+        for path in write_outputs(preds, out, cluster.gpus_per_node, opts.stem, meta, budget):
             print(f"wrote {path}")
     return 0
 

@@ -4,7 +4,9 @@
 ``ClipLoss(local_loss=True, gather_with_grad=True)`` (the baseline) and ``mmfast.ClipLoss`` with the
 same flags and ``group_size`` 1, 2, 4 (``--group-sizes``; those dividing W), forward + backward with
 respect to the features and the scale. ``--loss siglip`` runs open_clip's ``SigLipLoss`` (bidir)
-against ``mmfast.SigLipLoss`` instead.
+against ``mmfast.SigLipLoss`` instead. ``--exchange gather,ring`` runs mmfast's ``exchange="gather"``
+(the default, providers ``mmfast[g=2]``) and/or ``exchange="ring"`` (providers ``mmfast[g=2 ring]``,
+for the group sizes below W: with one group the ring is the gather).
 
 How: this process is rank 0 of a gloo group on 127.0.0.1; ``W - 1`` helper processes are ranks 1..W-1.
 Every call the harness makes of a provider (warm-up, timed, measuring) first posts the provider's
@@ -51,8 +53,14 @@ def _csv(kind: type, text: str) -> list[Any]:
     return [kind(x) for x in str(text).replace(" ", "").split(",") if x]
 
 
+def _exchange(p: dict[str, Any]) -> str:
+    """An mmfast spec's exchange scheme ("gather" when the spec names none)."""
+    return str(p.get("exchange", "gather"))
+
+
 def spec_name(spec: Spec) -> str:
-    """Provider name of a spec, e.g. ``mmfast[g=2]``, ``open_clip``, ``mmfast[g=1 local=0 gwg=1]``."""
+    """Provider name of a spec, e.g. ``mmfast[g=2]``, ``mmfast[g=2 ring]``, ``open_clip``,
+    ``mmfast[g=1 local=0 gwg=1]``, ``mmfast[g=2 ring local=0 gwg=1]`` (``gather`` is not named)."""
     scheme, p = spec
     flags = ""
     if "local_loss" in p and (not p["local_loss"] or not p["gather_with_grad"]):
@@ -60,28 +68,35 @@ def spec_name(spec: Spec) -> str:
     if scheme.startswith("open_clip"):
         extra = f"[{p['dist_impl']}]" if scheme == "open_clip-siglip" and p.get("dist_impl", "bidir") != "bidir" else ""
         return "open_clip" + extra + (f"[{flags.strip()}]" if flags else "")
-    return f"mmfast[g={p['group_size']}{flags}]"
+    ex = "" if _exchange(p) == "gather" else f" {_exchange(p)}"
+    return f"mmfast[g={p['group_size']}{ex}{flags}]"
 
 
 def spec_key(spec: Spec) -> str:
-    """A unique key of a spec: ``mmfast-clip gather_with_grad=True group_size=2 local_loss=True``."""
+    """A unique key of a spec: ``mmfast-clip exchange=gather gather_with_grad=True group_size=2 local_loss=True``."""
     return " ".join([spec[0], *(f"{k}={v}" for k, v in sorted(spec[1].items()))])
 
 
 def all_specs(world: int, loss: str = "both") -> list[Spec]:
     """Every scheme that runs here for ``world``: open_clip ClipLoss with its four flag combinations,
-    open_clip SigLipLoss bidir, mmfast ClipLoss for every group size dividing W and every flag
-    combination, mmfast SigLipLoss for every group size."""
+    open_clip SigLipLoss bidir, mmfast ClipLoss (``exchange="gather"``) for every group size dividing W
+    and every flag combination, mmfast SigLipLoss (gather) for every group size, and the ``ring``
+    exchange for every group size with more than one group (g < W): ClipLoss with every flag
+    combination and SigLipLoss."""
     gs = [g for g in range(1, world + 1) if world % g == 0]
+    ring_gs = [g for g in gs if g < world]
     flags = list(itertools.product([True, False], repeat=2))
     out: list[Spec] = []
     if loss in ("clip", "both"):
         out += [("open_clip-clip", {"local_loss": ll, "gather_with_grad": gw}) for ll, gw in flags]
-        out += [("mmfast-clip", {"group_size": g, "local_loss": ll, "gather_with_grad": gw})
+        out += [("mmfast-clip", {"group_size": g, "exchange": "gather", "local_loss": ll, "gather_with_grad": gw})
                 for g in gs for ll, gw in flags]
+        out += [("mmfast-clip", {"group_size": g, "exchange": "ring", "local_loss": ll, "gather_with_grad": gw})
+                for g in ring_gs for ll, gw in flags]
     if loss in ("siglip", "both"):
         out += [("open_clip-siglip", {"dist_impl": "bidir"})]
-        out += [("mmfast-siglip", {"group_size": g}) for g in gs]
+        out += [("mmfast-siglip", {"group_size": g, "exchange": "gather"}) for g in gs]
+        out += [("mmfast-siglip", {"group_size": g, "exchange": "ring"}) for g in ring_gs]
     return out
 
 
@@ -116,11 +131,11 @@ def make_step(spec: Spec, rank: int, world: int, b: int, d: int, dtype: str = "f
         import mmfast
 
         fn = mmfast.ClipLoss(local_loss=p["local_loss"], gather_with_grad=p["gather_with_grad"], rank=rank,
-                             world_size=world, group_size=p["group_size"])
+                             world_size=world, group_size=p["group_size"], exchange=_exchange(p))
     elif scheme == "mmfast-siglip":
         import mmfast
 
-        fn = mmfast.SigLipLoss(rank=rank, world_size=world, group_size=p["group_size"])
+        fn = mmfast.SigLipLoss(rank=rank, world_size=world, group_size=p["group_size"], exchange=_exchange(p))
         bias = torch.tensor(-10.0, dtype=dt, requires_grad=True)
     else:
         raise ValueError(f"unknown scheme {scheme!r}")
@@ -189,9 +204,10 @@ def spec_prediction(spec: Spec, world: int, b: int, d: int, dtype: str, cluster:
                                            backend=backend)
     if scheme == "mmfast-clip":
         return sc.predict_mmfast(prob, cluster, rates, p["group_size"], loss="clip", local_loss=p["local_loss"],
-                                 gather_with_grad=p["gather_with_grad"], backend=backend)
+                                 gather_with_grad=p["gather_with_grad"], backend=backend, exchange=_exchange(p))
     if scheme == "mmfast-siglip":
-        return sc.predict_mmfast(prob, cluster, rates, p["group_size"], loss="siglip", backend=backend)
+        return sc.predict_mmfast(prob, cluster, rates, p["group_size"], loss="siglip", backend=backend,
+                                 exchange=_exchange(p))
     raise ValueError(f"unknown scheme {scheme!r}")
 
 
@@ -287,17 +303,18 @@ atexit.register(_close_group)
 
 @register_case
 class ContrastiveDistCase(BenchCase):
-    """open_clip local_loss+gather_with_grad vs mmfast group_size 1, 2, 4, in W gloo processes."""
+    """open_clip local_loss+gather_with_grad vs mmfast group_size 1, 2, 4 (gather and/or ring), in W gloo processes."""
 
     name = "contrastive-dist"
-    description = "W gloo processes: open_clip ClipLoss local+gwg vs mmfast group_size 1,2,4 (bytes/rank, time, memory)"
+    description = ("W gloo processes: open_clip ClipLoss local+gwg vs mmfast group_size 1,2,4, gather and/or ring "
+                   "exchange (bytes/rank, time, memory)")
     baseline = "open_clip"
 
     def __init__(self) -> None:
         self._seen: set[int] = set()
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        """``--world``, ``--group-sizes``, ``--batch``, ``--dim``, ``--dtype``, ``--loss``."""
+        """``--world``, ``--group-sizes``, ``--batch``, ``--dim``, ``--dtype``, ``--loss``, ``--exchange``."""
         parser.add_argument("--world", default="4", help="comma-separated world sizes (default 4)")
         parser.add_argument("--group-sizes", default="1,2,4", help="mmfast group sizes (those dividing W run)")
         parser.add_argument("--batch", type=int, default=None, help="pairs per rank (default 64; --quick 16)")
@@ -305,9 +322,12 @@ class ContrastiveDistCase(BenchCase):
         parser.add_argument("--dtype", default="float32", help="feature dtype (default float32)")
         parser.add_argument("--loss", choices=("clip", "siglip"), default="clip",
                             help="clip: ClipLoss local+gwg (default); siglip: SigLipLoss bidir")
+        parser.add_argument("--exchange", default="gather",
+                            help="comma-separated mmfast exchange schemes: gather (default), ring (run for the "
+                            "group sizes below W: more than one group), e.g. gather,ring")
 
     def check(self, opts: argparse.Namespace) -> list[str]:
-        """open_clip's loss.py and mmfast's losses must import; W >= 2."""
+        """open_clip's loss.py and mmfast's losses must import; W >= 2; ``--exchange`` names gather and/or ring."""
         from mmfast.bench.cases.contrastive import open_clip_loss_module
 
         try:
@@ -320,6 +340,10 @@ class ContrastiveDistCase(BenchCase):
             raise CaseUnavailable("mmfast.ClipLoss is not available")
         if any(w < 2 for w in _csv(int, opts.world)):
             raise CaseUnavailable("--world: every world size must be >= 2")
+        exchanges = _csv(str, getattr(opts, "exchange", "gather"))
+        bad = [e for e in exchanges if e not in ("gather", "ring")]
+        if bad or not exchanges:
+            raise CaseUnavailable(f"--exchange {getattr(opts, 'exchange', '')!r}: expected gather and/or ring")
         device = str(getattr(opts, "device", "cpu"))
         if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
             return ["note: contrastive-dist runs its ranks on CPU (gloo); pass --device cpu so that the peak "
@@ -339,10 +363,15 @@ class ContrastiveDistCase(BenchCase):
     def _specs(self, cfg: dict[str, Any], opts: argparse.Namespace) -> list[Spec]:
         w = cfg["world"]
         gs = [g for g in _csv(int, opts.group_sizes) if w % g == 0]
+        # the ring runs with more than one group (with one, it is the gather)
+        mm = [(g, ex) for ex in dict.fromkeys(_csv(str, getattr(opts, "exchange", "gather")))
+              for g in gs if ex == "gather" or g < w]
         if cfg["loss"] == "clip":
             flags = {"local_loss": True, "gather_with_grad": True}
-            return [("open_clip-clip", dict(flags))] + [("mmfast-clip", {"group_size": g, **flags}) for g in gs]
-        return [("open_clip-siglip", {"dist_impl": "bidir"})] + [("mmfast-siglip", {"group_size": g}) for g in gs]
+            return [("open_clip-clip", dict(flags))] + [("mmfast-clip", {"group_size": g, "exchange": ex, **flags})
+                                                        for g, ex in mm]
+        return [("open_clip-siglip", {"dist_impl": "bidir"})] + [("mmfast-siglip", {"group_size": g, "exchange": ex})
+                                                                  for g, ex in mm]
 
     def providers(self, cfg: dict[str, Any], device: str, opts: argparse.Namespace) -> list[Provider]:
         """Start the gloo group for this configuration; one provider per spec (filtered by ``--providers``)."""
@@ -357,7 +386,7 @@ class ContrastiveDistCase(BenchCase):
         print(f"predicted bytes sent per rank per step ({self.shape(cfg)}, mmfast.bench.scaling):")
         for s in specs:
             pred = spec_prediction(s, cfg["world"], cfg["B"], cfg["D"], cfg["dtype"])
-            print(f"  {spec_name(s):<14} {pred.sent_bytes:>12,d} B")
+            print(f"  {spec_name(s):<18} {pred.sent_bytes:>12,d} B")
         _GROUP = _Group(cfg, specs)
         group = _GROUP
 
@@ -405,7 +434,7 @@ class ContrastiveDistCase(BenchCase):
                 w.writeheader()
             w.writerows(rows)
         for row in rows:
-            print(f"  {row['provider']:<14} bytes measured {row['measured_sent_bytes']} predicted "
+            print(f"  {row['provider']:<18} bytes measured {row['measured_sent_bytes']} predicted "
                   f"{row['predicted_sent_bytes']} ({'equal' if row['bytes_equal'] else 'DIFFERENT'}); peak "
                   f"measured {row['measured_peak_bytes']} predicted {row['predicted_peak_bytes']}")
         return [path]

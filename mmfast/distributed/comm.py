@@ -24,17 +24,23 @@ def _is_nccl(group) -> bool:
 
 
 class _Pending:
-    """An asynchronous collective and the local work that completes it."""
+    """Asynchronous collectives (``works``) and the local work that completes them. Holds no
+    reference cycle, so that its buffers are freed as soon as the caller drops it (a per-call class
+    or closure would keep every step's buffers alive until the cyclic garbage collector runs)."""
 
-    def __init__(self, work, finish=None):
-        self._work, self._finish = work, finish
-        self.result: Tensor | None = None
+    __slots__ = ("_works", "_finish", "result", "_keep")
+
+    def __init__(self, works, result: Tensor | None = None, finish=None, keep=None):
+        self._works, self._finish, self.result, self._keep = list(works), finish, result, keep
 
     def wait(self) -> Tensor:
-        if self._work is not None:
-            self._work.wait()
-            self._work = None
-            self.result = self._finish() if self._finish is not None else self.result
+        if self._works:
+            for w in self._works:
+                w.wait()
+            self._works = []
+            self._keep = None
+            if self._finish is not None:
+                self.result, self._finish = self._finish(self.result), None
         return self.result
 
 
@@ -47,15 +53,23 @@ def reduce_scatter(inp: Tensor, group, *, async_op: bool = False):
     inp = inp.contiguous()
     if _is_nccl(group):
         out = inp.new_empty((inp.shape[0] // n, *inp.shape[1:]))
-        work = dist.reduce_scatter_tensor(out, inp, group=group, async_op=True)
-        pending = _Pending(work)
-        pending.result = out
+        pending = _Pending([dist.reduce_scatter_tensor(out, inp, group=group, async_op=True)], out, keep=inp)
     else:
         # gloo: all-to-all moves each chunk to its owner once; the owner sums the n copies.
         recv = torch.empty_like(inp)
         work = dist.all_to_all_single(recv, inp, group=group, async_op=True)
-        pending = _Pending(work, lambda: recv.view(n, -1, *inp.shape[1:]).sum(0))
+        pending = _Pending([work], recv, _sum_chunks(n), keep=inp)
     return pending if async_op else pending.wait()
+
+
+class _sum_chunks:  # noqa: N801 - a picklable, cycle-free callable
+    __slots__ = ("n",)
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __call__(self, recv: Tensor) -> Tensor:
+        return recv.view(self.n, -1, *recv.shape[1:]).sum(0)
 
 
 class RingChannel:
@@ -71,20 +85,14 @@ class RingChannel:
         """Post ``send`` to the next rank and ``recv`` from the previous one. Messages of one ``tag``
         between two ranks arrive in the order they were posted."""
         ops = []
+        if send is not None:
+            send = send.contiguous()
         if recv is not None:
             ops.append(dist.P2POp(dist.irecv, recv, self.prev, group=self.group, tag=tag))
         if send is not None:
-            ops.append(dist.P2POp(dist.isend, send.contiguous(), self.next, group=self.group, tag=tag))
+            ops.append(dist.P2POp(dist.isend, send, self.next, group=self.group, tag=tag))
         works = dist.batch_isend_irecv(ops) if ops else []
-
-        class _All:
-            def wait(self_inner):
-                for w in works:
-                    w.wait()
-
-        pending = _Pending(_All() if works else None)
-        pending.result = recv
-        return pending
+        return _Pending(works, recv, keep=send)
 
 
 def combine_column_stats(lse: Tensor, mean_logit: Tensor, shift: Tensor, extra: Tensor, group

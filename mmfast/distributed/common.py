@@ -66,7 +66,7 @@ def exchange_header(image: Tensor, text: Tensor, layout: GroupLayout, exchange: 
     dev = image.device
     fields = [float(image.shape[0]), float(image.shape[1]), float(_DTYPE_CODES.get(image.dtype, -1)), 1.0]
     info = torch.cat([torch.tensor(fields, dtype=torch.float64, device=dev),
-                      image.detach().double().norm(dim=1).max().reshape(1),
+                      torch.linalg.vector_norm(image.detach(), dim=1).max().double().reshape(1),
                       torch.tensor([float(EXCHANGES.index(exchange)), float(budget)], dtype=torch.float64,
                                    device=dev)])
     out = torch.empty(layout.world_size * _HEADER, dtype=torch.float64, device=dev)
@@ -109,7 +109,11 @@ def merge_lse(lse_a: Tensor | None, el_a: Tensor | None, lse_b: Tensor, el_b: Te
 def logit_bound(text: Tensor, scale: Tensor, bias: Tensor | None, image_norm_max: Tensor) -> Tensor:
     """Per column j, ``|scale| * max_i |image_i| * |text_j| + bias`` (float64): no logit of column j
     exceeds it (Cauchy-Schwarz), and every rank computes the same value from the same texts."""
-    bound = scale.detach().double().abs().reshape(()) * image_norm_max * text.detach().double().norm(dim=1)
+    # the norms in the features' precision (fp32 accumulation): a bound needs no more, and no fp64
+    # copy of the block is made
+    norms = torch.linalg.vector_norm(text.detach(), dim=1, dtype=None if text.dtype == torch.float64 else
+                                     torch.float32).double()
+    bound = scale.detach().double().abs().reshape(()) * image_norm_max * norms
     return bound + bias.detach().double().reshape(()) if bias is not None else bound
 
 

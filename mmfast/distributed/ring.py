@@ -101,25 +101,35 @@ def _gather_block(piece: Tensor, layout: GroupLayout, async_op: bool):
 
 
 def _blocks(plan: _Plan, piece: Tensor):
-    """Yield (step, source group, compact group block) for s = 0..k-1. While the caller computes on a
-    block, the next piece moves along the column ring and the next block's group all-gather runs."""
+    """Yield (step, source group, holder) for s = 0..k-1, where ``holder.pop()`` gives the compact
+    group block: the generator keeps no reference, so the caller frees the block when it is done.
+
+    One group (g = 1): the next piece is received while the caller computes on the current one (two
+    pieces alive). Groups of g > 1: the next piece is received one step earlier, so that its group
+    all-gather also runs while the caller computes (two blocks and two pieces alive)."""
     k, layout = plan.k, plan.layout
-    nxt = None
-    if k > 1:
-        nxt = plan.channel.exchange(piece, torch.empty_like(piece), tag=_TEXT_TAG)
+    if layout.intra is None:
+        for s in range(k):
+            nxt = plan.channel.exchange(piece, torch.empty_like(piece), tag=_TEXT_TAG) if s + 1 < k else None
+            yield s, plan.source(s), [plan.compact(piece, plan.source(s))]
+            if nxt is not None:
+                piece = nxt.wait()
+                nxt = None
+        return
+    nxt = plan.channel.exchange(piece, torch.empty_like(piece), tag=_TEXT_TAG) if k > 1 else None
     block = _gather_block(piece, layout, async_op=False)
     for s in range(k):
         gathering = None
         if s + 1 < k:
             piece = nxt.wait()
             nxt = plan.channel.exchange(piece, torch.empty_like(piece), tag=_TEXT_TAG) if s + 2 < k else None
-            gathering = _gather_block(piece, layout, async_op=True) if layout.intra is not None else piece
-        yield s, plan.source(s), plan.compact(block, plan.source(s))
+            gathering = _gather_block(piece, layout, async_op=True)
+        holder = [plan.compact(block, plan.source(s))]
+        block = None
+        yield s, plan.source(s), holder
         if gathering is not None:
-            if isinstance(gathering, tuple):
-                gathering[0].wait()
-                gathering = gathering[1]
-            block = gathering
+            gathering[0].wait()
+            block = gathering[1]
 
 
 class _Guard:
@@ -157,19 +167,22 @@ def _ring_text_grads(plan: _Plan, piece: Tensor, guard: _Guard, block_grads) -> 
     acc_dtype = common.compute_dtype(piece)
     own = running = None
     incoming = None
-    for s, src, block in _blocks(plan, piece):
+    for s, src, holder in _blocks(plan, piece):
         cols = plan.columns(src)
-        part = guard.run(block_grads, src, cols, block)
+        part = guard.run(block_grads, src, cols, holder.pop())
         if part is None:
             part = torch.zeros(cols.stop - cols.start, d, dtype=acc_dtype, device=dev)
         padded = plan.pad_block(part.to(acc_dtype), src)
         mine = reduce_scatter(padded, layout.intra) if layout.intra is not None else padded
+        del part, padded  # no reference outlives its step (the next step's buffers are allocated below)
         if s == 0:
-            own = mine
+            own, mine = mine, None
             continue
-        running = mine if incoming is None else incoming.wait() + mine
+        running = mine if incoming is None else mine.add_(incoming.wait())
+        mine = None
         # the sum moves on with the piece; the last hop (s = k-1) brings it back to its owner
         incoming = plan.channel.exchange(running, torch.empty_like(running), tag=_GRAD_TAG)
+        running = None
     if k > 1:
         own = own + incoming.wait()
     return own
@@ -191,10 +204,12 @@ class ClipRingFn(torch.autograd.Function):
             rows[0], rows[1] = common.merge_lse(rows[0], rows[1], rl, re)
             col_lse[cols], col_el[cols] = cl, ce
 
-        for _, src, block in _blocks(plan, plan.pad_local(text.detach())):
+        for _, src, holder in _blocks(plan, plan.pad_local(text.detach())):
+            block = holder.pop()
             cols = plan.columns(src)
             shift[cols] = common.logit_bound(block, scale, bias, header.image_norm_max)
             guard.run(tile, cols, block)
+            block = None
         pos = positive_logits(image, text, scale, bias, dt)
         if guard.error is None:
             row_terms = common.clip_loss_terms(rows[0], rows[1], pos)
@@ -248,8 +263,8 @@ class SigLipRingFn(torch.autograd.Function):
         def tile(block):
             total[0] = total[0] + tiles.sigmoid_rowsum(image, block, scale, bias, impl)
 
-        for _, _, block in _blocks(plan, plan.pad_local(text.detach())):
-            guard.run(tile, block)
+        for _, _, holder in _blocks(plan, plan.pad_local(text.detach())):
+            guard.run(tile, holder.pop())
         failed = guard.flag(dev)
         dist.all_reduce(failed, group=layout.group)
         guard.raise_if_failed(failed.item(), "forward pass")

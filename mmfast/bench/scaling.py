@@ -23,13 +23,17 @@ What is predicted, per rank and per step (loss forward + backward, the features 
     partials reduce-scattered over ``intra`` (input ``g*K*B*D``), async, overlapped with the column
     block's tiles, then over ``column`` (input ``K*B*D``), in the feature dtype.
 
-    ``exchange="ring"`` (:mod:`mmfast.distributed.ring`, :func:`predict_mmfast_ring`): forward:
-    K group all-gathers of ``B*D`` pieces (g > 1) and K-1 column ring steps (one
-    ``batch_isend_irecv`` of one ``B*D`` isend + one irecv), each overlapped with the tiles of the
-    block in hand; CLIP one world ``all_reduce`` of ``2N + 4`` fp64 (with a failure flag), SigLIP one
-    of 1 fp64. Backward: the upstream-gradient scalar as for gather; K group all-gathers and K-1
-    text ring steps again, K group reduce-scatters of ``g*B*D`` and K-1 gradient ring steps of
-    ``B*D`` in the accumulation dtype (fp32; fp64 for fp64 features); one 1-fp64 ``all_reduce``.
+    ``exchange="ring"`` (:mod:`mmfast.distributed.ring`, :func:`predict_mmfast_ring`): the texts
+    travel in ``B*D`` pieces. Forward: per step (K of them) one ``batch_isend_irecv`` inside the
+    group (g > 1: the ring piece of this position to and from the g-1 other members, each overlapped
+    with the other members' pieces' tiles) and K-1 column ring steps (one ``batch_isend_irecv`` of
+    one ``B*D`` isend + one irecv), overlapped with the ring piece's tiles; CLIP one world
+    ``all_reduce`` of ``2N + 4`` fp64 (with a failure flag), SigLIP one of 1 fp64. Backward: the
+    upstream-gradient scalar as for gather; the own block last; per step the group piece exchange
+    again, a group exchange of gradient partials (g-1 ``B*D`` sends and receives in the accumulation
+    dtype: fp32, fp64 for fp64 features), K-1 text ring steps and K-1 gradient-sum ring steps (one
+    step behind the texts); one 1-fp64 ``all_reduce``. Apart from the header, no all-gather,
+    all-to-all or reduce-scatter.
   - ``open_clip`` ``ClipLoss`` (``gather_features``): two world ``all_gather`` (list) of ``B*D``;
     with ``gather_with_grad`` their backward is, on NCCL, two ``reduce_scatter`` (list) and, on gloo,
     ``torch.distributed.nn``'s all-to-all emulation, ``W`` ``scatter`` calls each of which this rank
@@ -77,9 +81,10 @@ What is predicted, per rank and per step (loss forward + backward, the features 
 * **peak loss memory** per rank (bytes allocated inside the loss call, features excluded), replaying
   each implementation's allocations in order (mmfast gather: the gathered texts, the gradient
   partials, their padded and transposed copies and the copies made for the column sets,
-  ``O(W*B*D)``; mmfast ring: two pieces and two group blocks in flight, a block's gradients and the
-  running sums, ``O(g*B*D)``, plus ``O(W*B)`` statistics; open_clip: gathered features and the ``B x
-  W*B`` logits with their log-softmax, ``O(W*B*D + W*B^2)``; Inf-CL: fp32 blocks, ``O(B*D)``). The
+  ``O(W*B*D)``; mmfast ring: the group's pieces of the block in hand, the next ring piece in
+  flight, the tiles' gradient partials and the running sum, ``O(g*B*D)``, plus ``O(W*B)``
+  statistics; open_clip: gathered features and the ``B x W*B`` logits with their log-softmax,
+  ``O(W*B*D + W*B^2)``; Inf-CL: fp32 blocks, ``O(B*D)``). The
   mmfast replays (:class:`_Heap`) free a tensor when the last variable of the code holding it lets
   go. ``backend="nccl"`` is a GPU (NCCL, the Triton kernels' gradient partials, H200 launch
   geometry); ``backend="gloo"`` adds what gloo and the C++ kernels allocate on a CPU, so that the
@@ -498,6 +503,19 @@ class _Builder:
         col.time_s = alpha + payload * beta if k > 1 else 0.0
         return col
 
+    def intra_p2p(self, g: int, payload: int, dtype: str, phase: str, note: str = "") -> Collective:
+        """One ``batch_isend_irecv`` inside every group: each rank sends ``payload`` bytes to each of
+        the other ``g - 1`` members and receives theirs (all groups at once)."""
+        w = self.p.world
+        hops = _hops(w, self.gpn, "intra", g, "direct")
+        col = Collective("batch_isend_irecv", "intra", g, payload, dtype, phase, note=note)
+        col.sent_bytes = (g - 1) * payload
+        self._split(col, hops)
+        alpha, beta = _step_cost(self.c, hops, p2p=True)
+        # full-duplex links: the g - 1 sends leave one after another while the receives come in
+        col.time_s = alpha + (g - 1) * payload * beta if g > 1 else 0.0
+        return col
+
     @staticmethod
     def _split(col: Collective, hops: _Hops) -> None:
         col.intra_bytes = col.sent_bytes * hops.edge_intra
@@ -887,60 +905,50 @@ def _ring_memory(prob: Problem, g: int, loss: str, backend: str = "nccl", local_
     """Peak bytes allocated inside mmfast's ``ring`` loss (forward + backward), equal batches, by
     replaying the allocations of :mod:`mmfast.distributed.ring` in order.
 
-    Per step: the piece in hand and the next one being received (``B*D`` each); with g > 1 also the
-    group block in hand and the next one being gathered (``g*B*D`` each; the generator hands a block
-    over and keeps no reference, the caller lets go of it after its tiles). Forward: the O(N) column
-    statistics and bounds, their fp64 all-reduce. Backward, per block: the kernel's gradients
-    (``B*D`` and ``g*B*D`` in the accumulation dtype), the group reduce-scatter (gloo: the
-    all-to-all's receive buffer ``g*B*D`` and the summed chunk), the own sum, the running sum being
-    sent (kept by its send until the next wait) and the one being received (``B*D`` each). Nothing
-    scales with ``W*B*D``: ``O(g*B*D + W*B)``. ``backend``: as :func:`_mmfast_memory`.
+    The walk: per step the other members' pieces (``g - 1`` receive buffers of ``B*D``, each let go
+    once its tiles ran), then the ring piece, with the next ring piece's receive buffer posted
+    between the two (two ring pieces alive until the next step begins). Tiles run one piece
+    (``B x B``) at a time. Forward: the O(N) column statistics and bounds, their fp64 all-reduce.
+    Backward (own block last): per other piece the kernel's gradients (``B*D`` each, accumulation
+    dtype; the partial kept to the exchange), before the ring piece's tiles the group's partials
+    exchanged (``g - 1`` receive buffers) and summed with the incoming ring sum into one buffer,
+    which takes the ring piece's partial and moves on (the send kept until the next step's first
+    piece, the next receive buffer posted with it). Nothing scales with ``W*B*D``:
+    ``O(g*B*D + W*B)``. ``backend``: as :func:`_mmfast_memory`.
     """
     w, b, d, n, es, fs = prob.world, prob.batch, prob.dim, prob.n, prob.es, _stat_bytes(prob.dtype)
     k = w // g
     piece, acc = b * d * es, b * d * fs
-    gloo, clip = backend == "gloo", loss == "clip"
+    clip = loss == "clip"
     h = _Heap()
     kern = _Kernels(h, prob, backend)
 
-    def blocks(tag: str):
-        """_blocks: yields s once the caller holds block s (as ``<tag>block``; the caller drops it)."""
-        pv, nv, bv, gv, av = (f"{tag}_g_{x}" for x in ("piece", "nxt", "block", "gath", "agbuf"))
-        h.new(0, pv)  # the text itself
-        if g == 1:  # the block is the piece, which the generator keeps to the next wait
-            for s in range(k):
-                if s + 1 < k:
-                    h.new(piece, nv)  # exchange(piece, empty_like(piece))
-                h.alias(tag + "block", pv)
-                yield s
-                if s + 1 < k:
-                    h.alias(pv, nv)  # piece = nxt.wait()
-                    h.drop(nv)
-        else:
-            if k > 1:
+    def walk(tag: str, own_last: bool):
+        """_walk: yields (s, q) once the caller holds the piece as ``<tag>piece`` (the caller drops it)."""
+        cv, nv = f"{tag}_w_cur", f"{tag}_w_nxt"
+        order = list(range(1, k)) + [0] if own_last else list(range(k))
+        if order[0] != 0:
+            h.new(piece, nv)
+        for i, s in enumerate(order):
+            if s == 0:
+                h.new(0, cv)  # the text itself
+            else:
+                h.alias(cv, nv)  # cur = nxt.wait(); the previous ring piece, sent, is let go
+                h.drop(nv)
+                h.drop(f"{tag}_w_sent")
+            for q in range(1, g):
+                h.new(piece, f"{tag}_w_got{q}")
+            for q in range(1, g):
+                h.alias(tag + "piece", f"{tag}_w_got{q}")
+                h.drop(f"{tag}_w_got{q}")
+                yield s, q
+            if i + 1 < len(order) and order[i + 1] != 0:
                 h.new(piece, nv)
-            h.new(g * piece, bv)  # the first group all-gather (synchronous)
-            if gloo:
-                h.tmp(g * piece)
-            for s in range(k):
-                h.drop(gv)
-                if s + 1 < k:
-                    h.alias(pv, nv)  # piece = nxt.wait()
-                    if s + 2 < k:
-                        h.new(piece, nv)
-                    else:
-                        h.drop(nv)
-                    h.new(g * piece, gv)  # the next block's all-gather (async)
-                    if gloo:
-                        h.tmp(g * piece)
-                        h.new(g * piece, av)
-                h.alias(tag + "block", bv)  # holder = [block]; block = None
-                h.drop(bv)
-                yield s
-                if s + 1 < k:
-                    h.drop(av)  # wait
-                    h.alias(bv, gv)
-        h.drop_prefix(f"{tag}_g_")
+                h.alias(f"{tag}_w_sent", cv)  # kept by the exchange until the next wait
+            h.alias(tag + "piece", cv)
+            h.drop(cv)
+            yield s, 0
+        h.drop_prefix(f"{tag}_w_")
 
     _header_memory(h, prob)
     # ---- forward
@@ -950,21 +958,23 @@ def _ring_memory(prob: Problem, g: int, loss: str, backend: str = "nccl", local_
         h.new(n * 8, "f_shift")
     else:
         h.new(b * fs, "f_total")
-    for s in blocks("f_"):
+    first = True
+    for _ in walk("f_", own_last=False):
         if clip:
-            h.tmp(g * b * (4 + 8 + 8 + 8))  # logit_bound of the block
-            kern.softmax_fwd(b, g * b, "f_st")
-            if s:
+            h.tmp(b * (4 + 8 + 8 + 8))  # logit_bound of the piece
+            kern.softmax_fwd(b, b, "f_st")
+            if not first:
                 h.tmp(4 * b * fs)
                 h.new(2 * b * fs, "rows")  # merge_lse
             else:
                 h.alias("rows", "f_st_r")
             h.drop("f_st_r", "f_st_c")
         else:
-            kern.sigmoid_fwd(b, g * b, "f_st")
+            kern.sigmoid_fwd(b, b, "f_st")
             h.new(b * fs, "f_total")
             h.drop("f_st_r")
-        h.drop("f_block")
+        first = False
+        h.drop("f_piece")
     h.tmp(b * d * fs + (2 * b * d * fs if es != fs else 0))  # positive_logits
     if clip:
         h.tmp(6 * n * 8)  # combine_column_stats
@@ -976,33 +986,40 @@ def _ring_memory(prob: Problem, g: int, loss: str, backend: str = "nccl", local_
         _clip_weight_memory(h, prob, local_loss, gather_with_grad)
     h.new(acc, "d_image")
     two = clip and local_loss and not gather_with_grad
-    for s in blocks("b_"):
-        kern.grads(b, g * b, "b_k", two_tiles=two, sigmoid=not clip)
-        h.drop("b_k_a", "b_block")  # d_i added into d_image; the block (an argument) let go
-        if g > 1:  # reduce-scatter of the partial inside the group
-            if gloo:
-                h.new(g * acc, "b_rs_recv")
-                h.new(acc, "b_mine")
-                h.drop("b_rs_recv")
-            else:
-                h.new(acc, "b_mine")
-        else:
-            h.alias("b_mine", "b_k_b")
-        h.drop("b_k_b")  # del part, padded
-        if s == 0:
-            h.alias("b_own", "b_mine")
-            h.drop("b_mine")
+    incoming = False
+    for s, q in walk("b_", own_last=True):
+        h.drop("b_sent")  # incoming.release_sends()
+        if q == 0:
+            if g > 1:  # the partials exchanged inside the group, summed into the first receive buffer
+                for o in range(1, g):
+                    h.new(acc, f"b_recv{o}")
+                h.drop(*[f"b_part{o}" for o in range(1, g)])
+                h.alias("b_total", "b_recv1")
+                h.drop(*[f"b_recv{o}" for o in range(1, g)])
+            if incoming:
+                if g > 1:
+                    h.drop("b_in")  # added into the total
+                else:
+                    h.alias("b_total", "b_in")
+                    h.drop("b_in")
+        kern.grads(b, b, "b_k", two_tiles=two, sigmoid=not clip)
+        h.drop("b_k_a", "b_piece")  # d_i added into d_image; the piece (an argument) let go
+        if q:
+            h.alias(f"b_part{q}", "b_k_b")
+            h.drop("b_k_b")
             continue
-        h.drop("b_keep")  # incoming.wait(): the last send's buffer is let go
-        h.alias("b_keep", "b_mine")  # running = mine (+= the received sum, in place), sent on
-        h.drop("b_mine")
-        h.new(acc, "b_in_new")  # empty_like(running); then the previous receive buffer is let go
-        h.alias("b_in", "b_in_new")
-        h.drop("b_in_new")
-    if k > 1:
-        h.drop("b_keep")
-        h.new(acc, "b_own")  # own + incoming.wait()
-    h.alias("d_text", "b_own")
+        if g > 1 or incoming:
+            h.drop("b_k_b")  # total += part
+        else:
+            h.alias("b_total", "b_k_b")
+            h.drop("b_k_b")
+        if s == 0:
+            break
+        h.alias("b_sent", "b_total")  # the sum moves on (kept by its send) ...
+        h.drop("b_total")
+        h.new(acc, "b_in")  # ... and the next one is received
+        incoming = True
+    h.alias("d_text", "b_total")
     h.drop_prefix("b_")
     _grad_epilogue_memory(h, prob)
     return h.peak
@@ -1152,6 +1169,20 @@ def _merge_steps(stages: list[Stage]) -> list[Stage]:
     return out
 
 
+def _merge_all(stages: list[Stage]) -> list[Stage]:
+    """Stages of the same name, collectives and compute as one stage with a repeat count, wherever
+    they occur (times and bytes add, so a step's stages repeated K times are its stages K times)."""
+    out: dict[tuple, Stage] = {}
+    for st in stages:
+        key = (st.name, tuple((c.op, c.group, c.payload, c.dtype, c.phase) for c in st.comm), st.compute_s,
+               st.overlap, st.concurrent)
+        if key in out:
+            out[key].repeat += st.repeat
+        else:
+            out[key] = st
+    return list(out.values())
+
+
 def _reduce_scatter_op(backend: str) -> str:
     """What :func:`mmfast.distributed.comm.reduce_scatter` issues: NCCL's reduce-scatter, gloo an all-to-all."""
     return "reduce_scatter_tensor" if backend == "nccl" else "all_to_all_single"
@@ -1279,22 +1310,20 @@ def predict_mmfast_ring(
 ) -> Prediction:
     """mmfast's ``ring`` exchange (:mod:`mmfast.distributed.ring`) with ``group_size`` g, K = W/g groups.
 
-    Collectives as the code issues them: the header (7 fp64 a rank, world all-gather). Forward: K
-    group all-gathers of ``B*D`` pieces (g > 1; the first synchronous, the others async), K-1 column
-    ring steps (one ``batch_isend_irecv``: one ``B*D`` isend + one irecv, feature dtype); CLIP one
-    world all-reduce of ``2N + 4`` fp64 (column statistics, 3 loss terms, a failure flag), SigLIP one
-    of 1 fp64 (the flag). Backward: CLIP with gather_with_grad the upstream-gradient scalar
-    exchange; K group all-gathers and K-1 text ring steps again, K group reduce-scatters of
-    ``g*B*D`` (gloo: all-to-all) and K-1 gradient ring steps of ``B*D``, both in the accumulation
-    dtype; a final 1-fp64 all-reduce (the failure flag).
+    Collectives as the code issues them: the header (7 fp64 a rank, world all-gather). Forward, per
+    step: one group ``batch_isend_irecv`` (g > 1: the ring piece, ``B*D``, to each other member)
+    and K-1 column ring steps (one ``B*D`` isend + one irecv, feature dtype); CLIP one world
+    all-reduce of ``2N + 4`` fp64 (column statistics, 3 loss terms, a failure flag), SigLIP one of
+    1 fp64 (the flag). Backward: CLIP with gather_with_grad the upstream-gradient scalar exchange;
+    the group piece exchanges and K-1 text ring steps again, per step one group exchange of the
+    partials (``B*D`` to each other member) and K-1 gradient ring steps of ``B*D``, both in the
+    accumulation dtype; a final 1-fp64 all-reduce (the failure flag).
 
-    Time, as the code overlaps: the tiles of the block in hand (``B x g*B``) run while the next
-    piece travels the column ring and (g > 1) the next block's group all-gather runs, and in
-    backward while the previous running gradient sum travels on (the same link as the texts: their
-    times add); families on different links (``column``, ``intra``) run at once. With g > 1 the next
-    piece is received one step ahead, so the first step waits for one ring step and the first
-    all-gather; the group reduce-scatter of each block is synchronous, after its tiles; the last
-    gradient hop is exposed.
+    Time, as the code overlaps: per step the group exchange of pieces (waited at once), the tiles
+    of the other members' pieces while the previous step's gradient sum travels the column ring,
+    the group exchange of the partials (waited at once), and the tiles of the ring piece while the
+    next ring piece travels (texts and sums share the column link: with g = 1 their times add). The
+    first ring piece of the backward (the own block comes last) is waited for.
     """
     w, b, d, es = prob.world, prob.batch, prob.dim, prob.es
     g = group_size
@@ -1307,40 +1336,38 @@ def predict_mmfast_ring(
     clip = loss == "clip"
     bld = _Builder(prob, cluster, backend)
     piece, acc = b * d * es, b * d * fs
-    rs_op = _reduce_scatter_op(backend)
 
-    def text(phase: str) -> list[Collective]:
-        return [bld.column_p2p(g, piece, dt, phase, "texts")]
-
-    def gather(phase: str) -> list[Collective]:
-        return [bld.ring("all_gather_into_tensor", "intra", g, piece, dt, phase, "group block")] if g > 1 else []
-
-    # per block: the tiles, and the elementwise passes (forward: the block's norms for the bound;
-    # backward: on gloo the sum of the all-to-all's chunks, the running sum's add)
-    c_fwd = _tile_fwd(rates, b, g * b, d) + (g * b * d * es if clip else 0) / rates.mem_bw
-    c_bwd = _tile_bwd(rates, b, g * b, d) + ((g + 1) * acc * (backend == "gloo" and g > 1) + 3 * acc) / rates.mem_bw
+    # per piece: the tiles (B x B), and the elementwise passes (forward: the piece's norms for the
+    # bound; backward: the partials' and sums' adds)
+    c_fwd = _tile_fwd(rates, b, b, d) + (b * d * es if clip else 0) / rates.mem_bw
+    c_bwd = _tile_bwd(rates, b, b, d) + 2 * acc / rates.mem_bw
     stages = [Stage("header exchange", [bld.ring("all_gather_into_tensor", "world", g, 8 * 7, "float64", "forward",
                                                  "header")])]
     for phase in ("forward", "backward"):
-        if phase == "backward" and clip and gather_with_grad:
+        bwd = phase == "backward"
+        c = c_bwd if bwd else c_fwd
+        if bwd and clip and gather_with_grad:
             op = "all_gather_into_tensor" if local_loss else "all_reduce"
             stages.append(Stage("grad scalars", [bld.ring(op, "world", g, fs, st, "backward")]))
+        order = list(range(1, k)) + [0] if bwd else list(range(k))
         steps: list[Stage] = []
-        if g > 1:  # the next piece is received while the first block is gathered (synchronously)
-            steps.append(Stage("first ring step + group all-gather", (text(phase) if k > 1 else []) + gather(phase),
-                               concurrent=True))
-        for s in range(k):
-            ahead = s + 1 < k if g == 1 else s + 2 < k
-            comm = (text(phase) if ahead else []) + (gather(phase) if g > 1 and s + 1 < k else [])
-            if phase == "backward" and s >= 2:  # the running sum sent at the end of step s-1
-                comm += [bld.column_p2p(g, acc, st, phase, "gradient sums")]
-            kinds = "+".join(sorted({c.note for c in comm})) or "no exchange"
-            steps.append(Stage(f"{phase} block tiles | {kinds}", comm, c_fwd if phase == "forward" else c_bwd,
-                               overlap=True, concurrent=True))
-            if phase == "backward" and g > 1:
-                steps.append(Stage("group reduce-scatter",
-                                   [bld.ring(rs_op, "intra", g, g * acc, st, phase, "block gradients")]))
-        stages += _merge_steps(steps)
+        if order[0] != 0:
+            steps.append(Stage("first ring piece", [bld.column_p2p(g, piece, dt, phase, "texts")]))
+        for i in range(len(order)):
+            sum_in_flight = bwd and i > 0  # the sum sent at the end of the last step
+            sums = [bld.column_p2p(g, acc, st, phase, "gradient sums")] if sum_in_flight else []
+            texts = [bld.column_p2p(g, piece, dt, phase, "texts")] if i + 1 < len(order) and order[i + 1] else []
+            if g > 1:
+                steps.append(Stage("group piece exchange", [bld.intra_p2p(g, piece, dt, phase, "pieces")]))
+                steps.append(Stage(f"{phase} other pieces' tiles | {'gradient sums' if sums else 'no exchange'}",
+                                   sums, (g - 1) * c, overlap=True))
+                sums = []
+                if bwd:
+                    steps.append(Stage("group partials exchange", [bld.intra_p2p(g, acc, st, phase, "partials")]))
+            comm = texts + sums
+            kinds = "+".join(x.note for x in comm) or "no exchange"
+            steps.append(Stage(f"{phase} ring piece tiles | {kinds}", comm, c, overlap=True))
+        stages += _merge_all(steps)
         if phase == "forward":
             if clip:
                 stages.append(Stage("column statistics", [bld.ring(
@@ -1349,8 +1376,6 @@ def predict_mmfast_ring(
             else:
                 stages.append(Stage("failure flag", [bld.ring("all_reduce", "world", g, 8, "float64", phase, "flag")]))
         else:
-            if k > 1:
-                stages.append(Stage("last gradient hop", [bld.column_p2p(g, acc, st, phase, "gradient sums")]))
             stages.append(Stage("failure flag", [bld.ring("all_reduce", "world", g, 8, "float64", phase, "flag")]))
     params: dict[str, Any] = {"group_size": g, "exchange": "ring"}
     if clip:

@@ -3,6 +3,8 @@
 * :func:`reduce_scatter`: NCCL's reduce-scatter, or on gloo (whose ``reduce_scatter_tensor`` is an
   all-reduce underneath and sends twice the bytes) an all-to-all of the chunks plus a local sum:
   ``(n-1)/n`` of the input leaves each rank, the bandwidth optimum.
+* :func:`p2p`: one batch of sends and receives (the group exchanges of the ring), whose sends can
+  be released before its receives complete.
 * :class:`RingChannel`: point-to-point exchange with the previous and next rank of a ring
   (``batch_isend_irecv``), asynchronous so that it overlaps the tile compute of the block in hand.
 * :func:`combine_column_stats`: the per-column log-sum-exp partials of every rank combined with ONE
@@ -16,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["reduce_scatter", "RingChannel", "combine_column_stats"]
+__all__ = ["p2p", "reduce_scatter", "RingChannel", "combine_column_stats"]
 
 
 def _is_nccl(group) -> bool:
@@ -26,22 +28,51 @@ def _is_nccl(group) -> bool:
 class _Pending:
     """Asynchronous collectives (``works``) and the local work that completes them. Holds no
     reference cycle, so that its buffers are freed as soon as the caller drops it (a per-call class
-    or closure would keep every step's buffers alive until the cyclic garbage collector runs)."""
+    or closure would keep every step's buffers alive until the cyclic garbage collector runs).
 
-    __slots__ = ("_works", "_finish", "result", "_keep")
+    ``send_works`` (point-to-point sends whose work the backend returns separately: gloo) can be
+    waited early with :meth:`release_sends`, which lets go of the send buffers (``keep``) while the
+    receives are still outstanding."""
 
-    def __init__(self, works, result: Tensor | None = None, finish=None, keep=None):
-        self._works, self._finish, self.result, self._keep = list(works), finish, result, keep
+    __slots__ = ("_works", "_send_works", "_finish", "result", "_keep")
 
-    def wait(self) -> Tensor:
-        if self._works:
-            for w in self._works:
+    def __init__(self, works, result=None, finish=None, keep=None, send_works=()):
+        self._works, self._send_works = list(works), list(send_works)
+        self._finish, self.result, self._keep = finish, result, keep
+
+    def release_sends(self) -> None:
+        """Wait for the sends only and let go of what they sent (where the backend does not return
+        the sends' works one by one: wait for everything)."""
+        if self._send_works:
+            for w in self._send_works:
                 w.wait()
-            self._works = []
+            self._send_works = []
             self._keep = None
-            if self._finish is not None:
-                self.result, self._finish = self._finish(self.result), None
+        elif self._keep is not None:
+            self.wait()
+
+    def wait(self):
+        works, self._works, self._send_works = self._send_works + self._works, [], []
+        if works:
+            for w in works:
+                w.wait()
+            self._keep = None
+        if self._finish is not None:
+            self.result, self._finish = self._finish(self.result), None
         return self.result
+
+
+def p2p(group, sends, recvs, *, tag: int = 0, result=None) -> _Pending:
+    """One ``batch_isend_irecv`` of ``sends`` and ``recvs`` (lists of ``(global peer rank, tensor)``).
+    Returns a handle whose ``wait()`` gives ``result`` (default: the list of receive buffers)."""
+    ops = [dist.P2POp(dist.irecv, t, peer, group=group, tag=tag) for peer, t in recvs]
+    sent = [t.contiguous() for _, t in sends]
+    ops += [dist.P2POp(dist.isend, t, peer, group=group, tag=tag) for (peer, _), t in zip(sends, sent)]
+    works = dist.batch_isend_irecv(ops) if ops else []
+    out = [t for _, t in recvs] if result is None else result
+    if len(works) == len(ops):  # one work per op (gloo): the sends can be released on their own
+        return _Pending(works[:len(recvs)], out, keep=sent, send_works=works[len(recvs):])
+    return _Pending(works, out, keep=sent)
 
 
 def reduce_scatter(inp: Tensor, group, *, async_op: bool = False):
@@ -84,15 +115,8 @@ class RingChannel:
     def exchange(self, send: Tensor | None, recv: Tensor | None, *, tag: int = 0) -> _Pending:
         """Post ``send`` to the next rank and ``recv`` from the previous one. Messages of one ``tag``
         between two ranks arrive in the order they were posted."""
-        ops = []
-        if send is not None:
-            send = send.contiguous()
-        if recv is not None:
-            ops.append(dist.P2POp(dist.irecv, recv, self.prev, group=self.group, tag=tag))
-        if send is not None:
-            ops.append(dist.P2POp(dist.isend, send, self.next, group=self.group, tag=tag))
-        works = dist.batch_isend_irecv(ops) if ops else []
-        return _Pending(works, recv, keep=send)
+        return p2p(self.group, [] if send is None else [(self.next, send)],
+                   [] if recv is None else [(self.prev, recv)], tag=tag, result=recv)
 
 
 def combine_column_stats(lse: Tensor, mean_logit: Tensor, shift: Tensor, extra: Tensor, group

@@ -1,27 +1,40 @@
 """The ``ring`` exchange: per-rank loss memory O(g*B*D + W*B), flat in the world size.
 
-Ranks form ``k = W / g`` groups of ``g`` consecutive ranks; rank r = (group j, position p). A *group
-block* is the texts of one group's g ranks. Images stay on their rank.
+Ranks form ``k = W / g`` groups of ``g`` consecutive ranks; rank r = (group j, position p). The
+*piece* of a rank is its (padded) texts; a group's *block* is the pieces of its g ranks. Images stay
+on their rank. Every tile op runs on one piece at a time (``B x B`` tiles against this rank's
+images), so at most one group member's piece and one piece-sized gradient are in the tiles' hands.
 
-forward:  at step s = 0..k-1 rank (j, p) holds the texts of rank (j - s, p) (its *piece*). The group
-          all-gathers its pieces into the group block of group j - s (``intra``), and computes its
-          image rows against it. Meanwhile the piece moves one step along the ``column`` ring
-          (rank (j, p) sends to (j + 1, p), receives from (j - 1, p): asynchronous send/recv), and the
-          next block's all-gather runs: two blocks are alive at a time. Row statistics merge online;
-          column statistics (O(N) scalars) are combined at the end in one all-reduce, with the loss
-          terms and an error flag.
-backward: the same ring, tiles recomputed. The text-gradient partials of a block are reduce-scattered
-          inside the group to the position that carries the piece, added to the piece's running sum,
-          and the sum travels on with the piece (one step behind the texts: it starts at the group
-          after the owner and arrives back at the owner after k - 1 steps, which then adds its own
-          partial). A final one-scalar all-reduce tells every rank whether any rank failed.
+step s:   rank (j, p) holds the piece of rank (j - s, p), its *ring piece*. It sends the ring piece
+          to the other members of its group and receives theirs (one batch of point-to-point ops:
+          together they hold group j - s's block), runs the tiles of the others' pieces, then (while
+          the ring piece moves one step on along the ``column`` ring, (j, p) -> (j + 1, p), and the
+          next one arrives) the tiles of its ring piece. Two ring pieces are alive at a time (double
+          buffering); the exchange is posted once the other members' pieces are done with.
+forward:  s = 0 .. k-1 (own block first, nothing to wait for). Row statistics merge online; column
+          statistics (O(N) scalars) are combined at the end in one all-reduce, with the loss terms
+          and an error flag.
+backward: the same walk, tiles recomputed, in the order s = 1 .. k-1, then 0: the own block last.
+          The text-gradient partials of the other members' pieces are sent to them before the ring
+          piece's tiles (one batch: the group's partials both ways), and added, with the sum that
+          arrived from the previous group, into one buffer, to which the ring piece's own partial is
+          added. That sum travels on along the column ring, one step behind the texts: it starts at
+          the group after the owner (s = 1) and arrives at the owner after k - 1 hops, when the owner
+          runs its own block, so nothing is kept from step to step but the sum in flight. A final
+          one-scalar all-reduce tells every rank whether any rank failed.
+
+Peak per rank (backward, B = bmax, the C++ tiles): the image gradient, the ring piece, one other
+member's piece or the next ring piece, the sum in flight, the kernel's tile and gradients:
+about 8 B*D in the steady state (k >= 3), 7 at k = 2, 6 at k = 1; plus O(W*B) statistics.
 
 Elements sent per rank and step: forward (W-1)*B*D (as ``gather``); backward (W-1)*B*D of texts again
-plus (W-1)*B*D of gradient sums (in the accumulation dtype). Saved for backward: the inputs, the row
-log-sum-exp [B] and the column log-sum-exp [N]: no texts of other ranks.
+plus (W-1)*B*D of gradients (in the accumulation dtype: (g-1)*B*D of partials in the group and
+(k-1)*B*D of sums on the ring). Saved for backward: the inputs, the row log-sum-exp [B] and the
+column log-sum-exp [N]: no texts of other ranks.
 
-A rank whose tile compute raises keeps taking part in every exchange (with its work skipped), so the
-others finish the pass; then every rank raises (the failing one with its own error). Nothing hangs.
+A rank whose tile compute raises keeps taking part in every exchange (with its work skipped and zero
+partials sent), so the others finish the pass; then every rank raises (the failing one with its own
+error). Nothing hangs.
 """
 
 from __future__ import annotations
@@ -31,12 +44,12 @@ import torch.distributed as dist
 from torch import Tensor
 
 from mmfast.distributed import common
-from mmfast.distributed.comm import RingChannel, combine_column_stats, reduce_scatter
+from mmfast.distributed.comm import RingChannel, combine_column_stats, p2p
 from mmfast.distributed.groups import GroupLayout
 from mmfast.ops import contrastive as tiles
 from mmfast.ops.contrastive_loss import positive_logits
 
-_TEXT_TAG, _GRAD_TAG = 11, 12
+_TEXT_TAG, _GRAD_TAG, _PIECE_TAG, _PART_TAG = 11, 12, 13, 14
 
 
 class RingFailure(RuntimeError):
@@ -44,18 +57,20 @@ class RingFailure(RuntimeError):
 
 
 class _Plan:
-    """Geometry of one call: block columns, padding, the column ring."""
+    """Geometry of one call: the order of the pieces, their columns and padding, the peers."""
 
     def __init__(self, layout: GroupLayout, sizes: list[int]):
         self.layout, self.sizes = layout, sizes
-        self.g, self.k, self.j = layout.group_size, layout.num_groups, layout.group_index
+        self.g, self.k, self.j, self.p = layout.group_size, layout.num_groups, layout.group_index, layout.position
         self.bmax = max(sizes)
-        self.uneven = len(set(sizes)) > 1
         self.offs = common.offsets(sizes)
         self.channel = None
         if layout.column is not None:
-            ranks = [self._global(jj * self.g + layout.position) for jj in range(self.k)]
+            ranks = [self._global(jj * self.g + self.p) for jj in range(self.k)]
             self.channel = RingChannel(layout.column, ranks, self.j)
+        # the other members of the group, in the order their pieces are worked on
+        self.others = [(self.p + i) % self.g for i in range(1, self.g)]
+        self.peer = {q: self._global(self.j * self.g + q) for q in self.others}
 
     def _global(self, r: int) -> int:
         return r if self.layout.group is None else dist.get_global_rank(self.layout.group, r)
@@ -64,72 +79,54 @@ class _Plan:
         """The group whose block this rank works on at step s."""
         return (self.j - s) % self.k
 
-    def columns(self, src: int) -> slice:
-        r0 = src * self.g
-        return slice(self.offs[r0], self.offs[r0 + self.g - 1] + self.sizes[r0 + self.g - 1])
+    def owner(self, src: int, q: int) -> int:
+        return src * self.g + q
 
-    def pad_local(self, t: Tensor) -> Tensor:
+    def columns(self, src: int, q: int) -> slice:
+        r = self.owner(src, q)
+        return slice(self.offs[r], self.offs[r] + self.sizes[r])
+
+    def pad(self, t: Tensor) -> Tensor:
+        """Rows -> [bmax, ...], zero padded."""
         if t.shape[0] < self.bmax:
             t = torch.cat([t, t.new_zeros(self.bmax - t.shape[0], *t.shape[1:])])
         return t.contiguous()
 
-    def compact(self, block: Tensor, src: int) -> Tensor:
-        """[g * bmax, D] padded block of group ``src`` -> its rows without padding."""
-        if not self.uneven:
-            return block
-        return torch.cat([block[q * self.bmax:q * self.bmax + self.sizes[src * self.g + q]] for q in range(self.g)])
-
-    def pad_block(self, rows: Tensor, src: int) -> Tensor:
-        """Compact rows of group ``src``'s block -> [g * bmax, D] padded by rank."""
-        if not self.uneven:
-            return rows.contiguous()
-        out = rows.new_zeros(self.g * self.bmax, rows.shape[1])
-        row = 0
-        for q in range(self.g):
-            n = self.sizes[src * self.g + q]
-            out[q * self.bmax:q * self.bmax + n] = rows[row:row + n]
-            row += n
-        return out
+    def order(self, own_last: bool) -> list[int]:
+        return list(range(1, self.k)) + [0] if own_last else list(range(self.k))
 
 
-def _gather_block(piece: Tensor, layout: GroupLayout, async_op: bool):
-    if layout.intra is None:
-        return piece
-    out = piece.new_empty(layout.group_size * piece.shape[0], *piece.shape[1:])
-    work = dist.all_gather_into_tensor(out, piece, group=layout.intra, async_op=async_op)
-    return (work, out) if async_op else out
-
-
-def _blocks(plan: _Plan, piece: Tensor):
-    """Yield (step, source group, holder) for s = 0..k-1, where ``holder.pop()`` gives the compact
-    group block: the generator keeps no reference, so the caller frees the block when it is done.
-
-    One group (g = 1): the next piece is received while the caller computes on the current one (two
-    pieces alive). Groups of g > 1: the next piece is received one step earlier, so that its group
-    all-gather also runs while the caller computes (two blocks and two pieces alive)."""
-    k, layout = plan.k, plan.layout
-    if layout.intra is None:
-        for s in range(k):
-            nxt = plan.channel.exchange(piece, torch.empty_like(piece), tag=_TEXT_TAG) if s + 1 < k else None
-            yield s, plan.source(s), [plan.compact(piece, plan.source(s))]
-            if nxt is not None:
-                piece = nxt.wait()
-                nxt = None
-        return
-    nxt = plan.channel.exchange(piece, torch.empty_like(piece), tag=_TEXT_TAG) if k > 1 else None
-    block = _gather_block(piece, layout, async_op=False)
-    for s in range(k):
-        gathering = None
-        if s + 1 < k:
-            piece = nxt.wait()
-            nxt = plan.channel.exchange(piece, torch.empty_like(piece), tag=_TEXT_TAG) if s + 2 < k else None
-            gathering = _gather_block(piece, layout, async_op=True)
-        holder = [plan.compact(block, plan.source(s))]
-        block = None
-        yield s, plan.source(s), holder
-        if gathering is not None:
-            gathering[0].wait()
-            block = gathering[1]
+def _walk(plan: _Plan, text: Tensor, own_last: bool):
+    """Yield ``(s, src, q, holder)`` for every piece of every group block in this rank's order (per
+    step the other members' pieces, then the ring piece, ``q == plan.p``, always the last of its
+    step); ``holder.pop()`` gives the piece's rows. The generator keeps no reference to a piece it
+    has handed over, so the caller frees it when done; work the caller does after the ring piece
+    (its end of step) overlaps the ring's next hop."""
+    order = plan.order(own_last)
+    nxt = None
+    if order[0] != 0:  # own block last: the first ring piece comes from the previous group
+        nxt = plan.channel.exchange(text, torch.empty_like(text), tag=_TEXT_TAG)
+    for i, s in enumerate(order):
+        src = plan.source(s)
+        if s == 0:
+            cur = text
+        else:
+            cur, nxt = nxt.wait(), None
+        pieces = None
+        if plan.others:
+            pieces = p2p(plan.layout.intra, [(plan.peer[q], cur) for q in plan.others],
+                         [(plan.peer[q], torch.empty_like(cur)) for q in plan.others], tag=_PIECE_TAG)
+            got = pieces.wait()
+            got.reverse()
+            for q in plan.others:
+                holder = [got.pop()[:plan.sizes[plan.owner(src, q)]]]
+                yield s, src, q, holder
+        if i + 1 < len(order) and order[i + 1] != 0:  # the next ring piece: posted now, received later
+            nxt = plan.channel.exchange(cur, torch.empty_like(cur), tag=_TEXT_TAG)
+        del pieces
+        holder = [cur[:plan.sizes[plan.owner(src, plan.p)]]]
+        cur = None
+        yield s, src, plan.p, holder
 
 
 class _Guard:
@@ -158,34 +155,50 @@ class _Guard:
                               "other rank(s) (see the error raised there)")
 
 
-def _ring_text_grads(plan: _Plan, piece: Tensor, guard: _Guard, block_grads) -> Tensor:
-    """The ring backward: ``block_grads(src, cols, block)`` returns the text-gradient partial of this
-    rank for a block (compact rows, accumulation dtype) and accumulates everything else itself.
-    Returns this rank's summed text gradient, padded to [bmax, D]."""
-    layout, k = plan.layout, plan.k
-    dev, d = piece.device, piece.shape[1]
-    acc_dtype = common.compute_dtype(piece)
-    own = running = None
-    incoming = None
-    for s, src, holder in _blocks(plan, piece):
-        cols = plan.columns(src)
-        part = guard.run(block_grads, src, cols, holder.pop())
+def _ring_text_grads(plan: _Plan, text: Tensor, guard: _Guard, piece_grads) -> Tensor:
+    """The ring backward: ``piece_grads(cols, piece)`` returns this rank's text-gradient partial of
+    one piece (its rows, accumulation dtype) and accumulates everything else itself. Returns this
+    rank's summed text gradient, padded to [bmax, D]."""
+    dev, d = text.device, text.shape[1]
+    acc_dtype = common.compute_dtype(text)
+    parts: list[Tensor] = []
+    incoming = None  # the gradient sum of the next ring piece, travelling from the previous group
+    for s, src, q, holder in _walk(plan, text, own_last=True):
+        if incoming is not None:
+            incoming.release_sends()  # the sum sent at the end of the last step has arrived
+        total = None
+        if q == plan.p:
+            # before the ring piece's tiles: what the others computed of it (the partials, mine to
+            # their owners in the same batch) and the sum of the groups before, in one buffer
+            if parts:
+                got = p2p(plan.layout.intra, [(plan.peer[o], t) for o, t in zip(plan.others, parts)],
+                          [(plan.peer[o], torch.empty_like(parts[0])) for o in plan.others], tag=_PART_TAG).wait()
+                parts = []
+                total = got.pop(0)
+                while got:
+                    total.add_(got.pop())
+            if incoming is not None:
+                t = incoming.wait()
+                incoming = None
+                total = t if total is None else total.add_(t)
+                t = None
+        cols = plan.columns(src, q)
+        part = guard.run(piece_grads, cols, holder.pop())
         if part is None:
             part = torch.zeros(cols.stop - cols.start, d, dtype=acc_dtype, device=dev)
-        padded = plan.pad_block(part.to(acc_dtype), src)
-        mine = reduce_scatter(padded, layout.intra) if layout.intra is not None else padded
-        del part, padded  # no reference outlives its step (the next step's buffers are allocated below)
-        if s == 0:
-            own, mine = mine, None
+        part = plan.pad(part.to(acc_dtype))
+        if q != plan.p:
+            parts.append(part)
+            part = None
             continue
-        running = mine if incoming is None else mine.add_(incoming.wait())
+        mine = part if total is None else total.add_(part)
+        part = total = None
+        if s == 0:
+            return mine  # the own block comes last: the sum from every other group is in
+        # the sum moves on one step behind the texts; the last hop brings it to its owner
+        incoming = plan.channel.exchange(mine, torch.empty_like(mine), tag=_GRAD_TAG)
         mine = None
-        # the sum moves on with the piece; the last hop (s = k-1) brings it back to its owner
-        incoming = plan.channel.exchange(running, torch.empty_like(running), tag=_GRAD_TAG)
-        running = None
-    if k > 1:
-        own = own + incoming.wait()
-    return own
+    raise AssertionError("unreachable: the walk ends with the own block")
 
 
 class ClipRingFn(torch.autograd.Function):
@@ -204,12 +217,12 @@ class ClipRingFn(torch.autograd.Function):
             rows[0], rows[1] = common.merge_lse(rows[0], rows[1], rl, re)
             col_lse[cols], col_el[cols] = cl, ce
 
-        for _, src, holder in _blocks(plan, plan.pad_local(text.detach())):
-            block = holder.pop()
-            cols = plan.columns(src)
-            shift[cols] = common.logit_bound(block, scale, bias, header.image_norm_max)
-            guard.run(tile, cols, block)
-            block = None
+        for _, src, q, holder in _walk(plan, plan.pad(text.detach()), own_last=False):
+            piece = holder.pop()
+            cols = plan.columns(src, q)
+            shift[cols] = common.logit_bound(piece, scale, bias, header.image_norm_max)
+            guard.run(tile, cols, piece)
+            piece = None
         pos = positive_logits(image, text, scale, bias, dt)
         if guard.error is None:
             row_terms = common.clip_loss_terms(rows[0], rows[1], pos)
@@ -235,13 +248,13 @@ class ClipRingFn(torch.autograd.Function):
         d_image = torch.zeros(image.shape, dtype=dt, device=dev)
         guard = _Guard()
 
-        def block_grads(src, cols, block):
-            d_i, d_t = tiles.softmax_grads(image, block, scale, bias, rl, col_lse[cols], w.a_row, w.a_col[cols],
+        def piece_grads(cols, piece):
+            d_i, d_t = tiles.softmax_grads(image, piece, scale, bias, rl, col_lse[cols], w.a_row, w.a_col[cols],
                                            w.b_row, None if w.b_col is None else w.b_col[cols], impl)
             d_image.add_(d_i)
             return d_t
 
-        d_text = _ring_text_grads(plan, plan.pad_local(text.detach()), guard, block_grads)
+        d_text = _ring_text_grads(plan, plan.pad(text.detach()), guard, piece_grads)
         failed = guard.flag(dev)
         dist.all_reduce(failed, group=layout.group)
         guard.raise_if_failed(failed.item(), "backward pass")
@@ -263,7 +276,7 @@ class SigLipRingFn(torch.autograd.Function):
         def tile(block):
             total[0] = total[0] + tiles.sigmoid_rowsum(image, block, scale, bias, impl)
 
-        for _, _, holder in _blocks(plan, plan.pad_local(text.detach())):
+        for _, _, _, holder in _walk(plan, plan.pad(text.detach()), own_last=False):
             guard.run(tile, holder.pop())
         failed = guard.flag(dev)
         dist.all_reduce(failed, group=layout.group)
@@ -287,14 +300,14 @@ class SigLipRingFn(torch.autograd.Function):
                torch.zeros((), dtype=dt, device=dev)]
         guard = _Guard()
 
-        def block_grads(src, cols, block):
-            d_i, d_t, d_s, d_b = tiles.sigmoid_grads(image, block, scale, bias, w, impl)
+        def piece_grads(cols, piece):
+            d_i, d_t, d_s, d_b = tiles.sigmoid_grads(image, piece, scale, bias, w, impl)
             acc[0] += d_i
             acc[1] += d_s
             acc[2] += d_b
             return d_t
 
-        d_text = _ring_text_grads(plan, plan.pad_local(text.detach()), guard, block_grads)
+        d_text = _ring_text_grads(plan, plan.pad(text.detach()), guard, piece_grads)
         failed = guard.flag(dev)
         dist.all_reduce(failed, group=layout.group)
         guard.raise_if_failed(failed.item(), "backward pass")

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["interface_tx_bytes", "step_wire_bytes", "measure_schemes", "main"]
+__all__ = ["interface_tx_bytes", "step_wire_bytes", "scheme_step", "measure_schemes", "cpu_model", "main"]
 
 
 def interface_tx_bytes(iface: str = "lo") -> int:
@@ -62,7 +62,10 @@ def step_wire_bytes(step: Callable[[], Any], repeats: int = 5, iface: str = "lo"
     return int(statistics.median(got))
 
 
-def _step(scheme: str, rank: int, world: int, b: int, d: int) -> Callable[[], Any]:
+def scheme_step(scheme: str, rank: int, world: int, b: int, d: int) -> Callable[[], Any]:
+    """One forward + backward (features and scale) of ``scheme`` on this rank's seeded fp32 features:
+    ``open_clip`` (``ClipLoss(local_loss=True, gather_with_grad=True)``), ``gather:G`` or ``ring:G``
+    (``mmfast.ClipLoss`` with those flags, ``exchange`` and ``group_size=G``)."""
     import torch
 
     gen = torch.Generator().manual_seed(100 + rank)
@@ -93,7 +96,7 @@ def measure_schemes(rank: int, world: int, schemes: Sequence[str], b: int, d: in
 
     out: dict[str, Any] = {}
     for scheme in schemes:
-        step = _step(scheme, rank, world, b, d)
+        step = scheme_step(scheme, rank, world, b, d)
         step()
         with count_collective_bytes() as counter:
             step()
@@ -101,7 +104,8 @@ def measure_schemes(rank: int, world: int, schemes: Sequence[str], b: int, d: in
     return out
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (``lscpu``), for the records of a measurement."""
     try:
         for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines():
             if line.startswith("Model name:"):
@@ -133,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append({"scheme": s, "world": opts.world, "batch": opts.batch, "dim": opts.dim, "dtype": "float32",
                      "wire_bytes": wire, "model_bytes": model, "wire_over_model": round(wire / model, 4),
                      "open_clip_over_this": round(base / wire, 3) if base else "",
-                     "cpu": _cpu_model(), "date": datetime.date.today().isoformat()})
+                     "cpu": cpu_model(), "date": datetime.date.today().isoformat()})
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "wire_bytes.csv", "w", newline="") as f:

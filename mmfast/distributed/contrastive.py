@@ -2,9 +2,10 @@
 
 * ``gather`` (:mod:`mmfast.distributed.gather`): every rank ends the forward pass with every text
   of the world. Fewest bytes ((W-1)*B*D each way) and fewest collectives; O(W*B*D) memory per rank.
-* ``ring`` (:mod:`mmfast.distributed.ring`): all-gather inside groups of ``group_size`` ranks, blocks
-  passed around a ring between the groups, forward and backward. O(g*B*D + W*B) memory per rank:
-  flat in W. 1.5x the bytes of ``gather`` (texts travel again in backward, with their gradient sums).
+* ``ring`` (:mod:`mmfast.distributed.ring`): texts travel in pieces of B rows around a ring between
+  groups of ``group_size`` ranks and are exchanged point-to-point inside a group, forward and
+  backward. O(g*B*D + W*B) memory per rank: flat in W. 1.5x the bytes of ``gather`` for fp32
+  features, 2x for 16-bit ones (texts travel again in backward, with fp32 gradient sums).
 * ``auto``: ``ring`` when ``gather``'s per-rank loss memory (:func:`gather_memory_bytes`) would exceed
   the memory budget (:func:`set_memory_budget`, ``MMFAST_LOSS_MEMORY_BUDGET`` in MiB, default 512
   MiB) and there is more than one group; else ``gather``. Decided from the header exchange, so every
@@ -19,13 +20,15 @@ gather, CLIP           header all-gather; column all-gather (k > 1); group all-g
                        statistics all-reduce (2N + 3 floats) | group and column reduce-scatters;
                        one upstream-gradient exchange when gather_with_grad (W floats)
 gather, SigLIP         header; column + group all-gathers | group + column reduce-scatters
-ring, CLIP             header; k group all-gathers; k - 1 ring steps; one statistics all-reduce |
-                       k group all-gathers + k group reduce-scatters; 2(k - 1) ring steps; the
-                       upstream-gradient exchange (gather_with_grad); one failure-flag all-reduce
+ring, CLIP             header; k group piece exchanges (g > 1); k - 1 ring steps; one statistics
+                       all-reduce | k group piece exchanges + k group partial exchanges (g > 1);
+                       2(k - 1) ring steps (texts, gradient sums); the upstream-gradient exchange
+                       (gather_with_grad); one failure-flag all-reduce
 ring, SigLIP           as ring CLIP, with a failure-flag all-reduce in place of the statistics one
 =====================  ==========================================================================
 
-A ring step is one asynchronous send + receive with each neighbour. On gloo, reduce-scatters are
+A ring step is one asynchronous send to the next group + one receive from the previous one; a group
+exchange is one batch of g - 1 sends and g - 1 receives (``batch_isend_irecv``). On gloo, reduce-scatters are
 all-to-alls plus a local sum (gloo's own reduce-scatter is an all-reduce: twice the bytes).
 Gradient semantics are open_clip's, per flag (see mmfast.reference.contrastive.simulate_ranks).
 """

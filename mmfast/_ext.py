@@ -58,11 +58,79 @@ def has_cuda_ext() -> bool:
     return _C is not None and bool(_C.build_info().get("cuda"))
 
 
+#: The Triton kernel modules of ``mmfast.triton`` (the ``kernels/`` folder of the source tree).
+TRITON_MODULES = ("contrastive", "tome", "window_attention")
+
+
+def _source_kernels_dir() -> str | None:
+    """``kernels/`` beside the package when mmfast runs from a source tree (``pyproject.toml`` there)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    kdir = os.path.join(root, "kernels")
+    if os.path.isfile(os.path.join(kdir, "__init__.py")) and os.path.isfile(os.path.join(root, "pyproject.toml")):
+        return kdir
+    return None
+
+
+@functools.cache
+def ensure_triton_package() -> str | None:
+    """Make ``mmfast.triton`` importable; None when it is, else why not.
+
+    An installed or editable-installed mmfast maps ``kernels/`` to ``mmfast.triton`` (pyproject).
+    A source tree that was only built in place (``setup.py build_ext --inplace``) has no such
+    mapping: then the package is registered from the tree's ``kernels/`` folder, so that the Triton
+    backends work the same way there."""
+    if importlib.util.find_spec("mmfast.triton") is not None:
+        return None
+    kdir = _source_kernels_dir()
+    if kdir is None:
+        return "mmfast.triton is not installed (install mmfast with pip; kernels/ maps to mmfast.triton)"
+    import sys
+
+    spec = importlib.util.spec_from_file_location("mmfast.triton", os.path.join(kdir, "__init__.py"),
+                                                  submodule_search_locations=[kdir])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["mmfast.triton"] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except Exception as exc:  # noqa: BLE001 - reported, never raised at import
+        del sys.modules["mmfast.triton"]
+        return f"mmfast.triton (from {kdir}) failed to import: {type(exc).__name__}: {exc}"
+    import mmfast
+
+    mmfast.triton = mod
+    return None
+
+
+def triton_modules_status() -> dict[str, str | None]:
+    """Import every ``mmfast.triton`` module: ``{name: None}`` when it imports, else the error. This
+    imports triton itself (seconds on a cold start): for ``mmfast.info`` and preflight checks, not for
+    dispatch."""
+    why = ensure_triton_package()
+    out: dict[str, str | None] = {}
+    for name in TRITON_MODULES:
+        if why:
+            out[name] = why
+            continue
+        try:
+            importlib.import_module(f"mmfast.triton.{name}")
+            out[name] = None
+        except Exception as exc:  # noqa: BLE001 - reported
+            out[name] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
 @functools.cache
 def triton_status() -> tuple[bool, str]:
-    """(usable, how): Triton on a GPU, or the interpreter on CPU tensors (TRITON_INTERPRET=1)."""
+    """(usable, how): Triton on a GPU, or the interpreter on CPU tensors (TRITON_INTERPRET=1). The
+    kernel modules must be findable (they are imported only when a kernel is first wanted)."""
     if importlib.util.find_spec("triton") is None:
         return False, "triton is not installed"
+    why = ensure_triton_package()
+    if why:
+        return False, why
+    missing = [m for m in TRITON_MODULES if importlib.util.find_spec(f"mmfast.triton.{m}") is None]
+    if missing:
+        return False, f"mmfast.triton lacks {', '.join(missing)} (a stale install? reinstall mmfast)"
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return True, "interpreter (TRITON_INTERPRET=1): runs on CPU tensors, slow, for testing"
     if torch.cuda.is_available():

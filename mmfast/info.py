@@ -38,6 +38,10 @@ def report() -> str:
             + (f"CUDA sources compiled (CUDA {info['cuda_version']}, archs {info['cuda_archs']})"
                if info["cuda"] else "CUDA sources not compiled")
         )
+    if _ext.triton_status()[0] or torch.cuda.is_available():
+        mods = _ext.triton_modules_status()
+        lines.append("triton kernel modules: " + ", ".join(
+            f"mmfast.triton.{m} {'ok' if err is None else 'FAILED (' + err + ')'}" for m, err in mods.items()))
     lines.append("backends:")
     for name, b in _ext.backends().items():
         mark = "yes" if b["available"] else "no "

@@ -6,12 +6,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from open_clip.loss import ClipLoss as OCClipLoss
-from open_clip.loss import SigLipLoss as OCSigLipLoss
 
 import mmfast
 from mmfast import _ext
 from mmfast.testing import assert_accuracy
+
+
+# open_clip is the baseline of the drop-in tests, imported where they need it: the kernel tests here
+# also run where open_clip is not installed (the GPU machine's stack)
+def OCClipLoss(*args, **kwargs):  # noqa: N802 - stands in for the class
+    return pytest.importorskip("open_clip.loss", reason="needs open_clip").ClipLoss(*args, **kwargs)
+
+
+def OCSigLipLoss(*args, **kwargs):  # noqa: N802 - stands in for the class
+    return pytest.importorskip("open_clip.loss", reason="needs open_clip").SigLipLoss(*args, **kwargs)
 
 needs_cpp = pytest.mark.skipif(not _ext.has_cpp(), reason="C++ extension not built")
 CPU_IMPLS = ["reference"] + (["cpp"] if _ext.has_cpp() else [])

@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-import open_clip.loss as ocl
 import pytest
 import torch
 import torch.distributed
@@ -32,6 +31,10 @@ from mmfast.reference.contrastive import (
     simulate_ranks,
 )
 from mmfast.testing import assert_accuracy
+
+# every test here compares with open_clip's own code: without it (the GPU machine's stack) there is
+# nothing to compare with
+ocl = pytest.importorskip("open_clip.loss", reason="the references are checked against open_clip")
 
 F64_TOL = 1e-10  # relative to max(1, |reference|): float64 results agree to ~1e-14 in practice
 

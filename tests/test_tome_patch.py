@@ -28,13 +28,18 @@ import torch
 from torch import nn
 
 timm = pytest.importorskip("timm")
-open_clip = pytest.importorskip("open_clip")
 
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
 from mmfast import tome  # noqa: E402
 from mmfast.nn.token_merger import TokenMerger  # noqa: E402
 from mmfast.reference import tome as ref  # noqa: E402
+
+
+def _open_clip():
+    """open_clip, or a skip of the test that needs it (the timm tests here run without it)."""
+    return pytest.importorskip("open_clip", reason="needs open_clip")
+
 
 # ------------------------------------------------------------------------------------------------
 # clean-room reference
@@ -124,7 +129,7 @@ def tiny_vit(**kw) -> VisionTransformer:
 
 
 def tiny_open_clip(**kw):
-    from open_clip.transformer import VisionTransformer as OCViT
+    OCViT = _open_clip().transformer.VisionTransformer  # noqa: N806
 
     args = dict(image_size=32, patch_size=4, width=48, layers=3, heads=4, mlp_ratio=2.0, output_dim=16)
     args.update(kw)
@@ -152,6 +157,7 @@ def vit_s():
 @pytest.fixture(scope="module")
 def clip_b32():
     torch.manual_seed(0)
+    open_clip = _open_clip()
     model = open_clip.create_model("ViT-B-32", pretrained=None).eval()
     img = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
@@ -192,6 +198,7 @@ def test_timm_vit_s_matches_reference_r8(vit_s):
 @torch.no_grad()
 def test_open_clip_b32_r0_bitwise_matches_reference_and_clip_dispatch(clip_b32):
     model, img, y = clip_b32
+    open_clip = _open_clip()
     visual = model.visual
     assert visual.transformer.batch_first
     want, _, want_size, want_src = ref_open_clip_forward(visual, img, [8] * 12)

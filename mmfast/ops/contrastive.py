@@ -119,8 +119,10 @@ def _cpp_checks(a: Tensor, b: Tensor, *rest) -> list[str]:
 def _triton_checks(a: Tensor, b: Tensor, *rest) -> list[str]:
     import os
 
-    from mmfast.triton import contrastive as tk
-
+    try:
+        from mmfast.triton import contrastive as tk
+    except ImportError as exc:
+        return [f"mmfast.triton.contrastive failed to import: {exc}"]
     reasons = list(tk.not_supported_reasons(a, b))
     if a.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         reasons.append("CPU tensors need TRITON_INTERPRET=1")

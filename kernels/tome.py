@@ -206,29 +206,38 @@ def _tome_merge_kernel(
         if HAS_SIZE:
             s_sum = tl.load(size_ptr + b * stride_sb + own * stride_sn, mask=mask_t, other=1.0).to(tl.float32)
             acc = acc * s_sum[:, None]
+    # The loop works on [BLOCK_T, 1] columns (token index, liveness, size), never 1-D rows: Triton
+    # 3.6's layout pass gave a 1-D masked load inside this loop a mask layout that differs from its
+    # pointer's, and failed ("mask type matches ptr type") for sm_90a.
+    tok_base = (src_tok_ptr + b * r + beg)[:, None]
+    cnt2 = cnt[:, None]
+    mask_t2 = mask_t[:, None]
+    s_sum2 = s_sum[:, None]
     for k in range(0, tl.max(cnt, axis=0)):
-        live = mask_t & (k < cnt)
-        tok = tl.load(src_tok_ptr + b * r + beg + k, mask=live, other=0)
-        v = tl.load(x_base + tok[:, None] * stride_xn, mask=live[:, None] & mask_c[None, :], other=0.0)
+        live = mask_t2 & (k < cnt2)
+        tok = tl.load(tok_base + k, mask=live, other=0)
+        v = tl.load(x_base + tok * stride_xn, mask=live & mask_c[None, :], other=0.0)
         v = v.to(tl.float32)
         if MODE == 0:
             if HAS_SIZE:
-                s = tl.load(size_ptr + b * stride_sb + tok * stride_sn, mask=live, other=0.0).to(tl.float32)
-                acc += v * s[:, None]
-                s_sum += s
+                s = tl.load((size_ptr + b * stride_sb)[:, None] + tok * stride_sn, mask=live, other=0.0)
+                s = s.to(tl.float32)
+                acc += v * s
+                s_sum2 += s
             else:
                 acc += v
-                s_sum += live.to(tl.float32)
+                s_sum2 += live.to(tl.float32)
         elif MODE == 1 or MODE == 3:
             acc += v
         elif MODE == 2:
-            acc = tl.where(live[:, None], acc * v, acc)
+            acc = tl.where(live, acc * v, acc)
         elif MODE == 4:
-            acc = tl.where(live[:, None], tl.maximum(acc, v, propagate_nan=tl.PropagateNan.ALL), acc)
+            acc = tl.where(live, tl.maximum(acc, v, propagate_nan=tl.PropagateNan.ALL), acc)
         else:
-            acc = tl.where(live[:, None], tl.minimum(acc, v, propagate_nan=tl.PropagateNan.ALL), acc)
+            acc = tl.where(live, tl.minimum(acc, v, propagate_nan=tl.PropagateNan.ALL), acc)
     if MODE == 0:
-        acc = tl.math.div_rn(acc, tl.zeros_like(acc) + s_sum[:, None])
+        s_sum = tl.sum(s_sum2, axis=1)
+        acc = tl.math.div_rn(acc, tl.zeros_like(acc) + s_sum2)
         tl.store(size_out_ptr + rows, s_sum, mask=mask_t & (pid_c == 0))
     elif MODE == 3:
         acc = acc / (cnt + 1).to(tl.float32)[:, None]
@@ -289,17 +298,22 @@ def _tome_merge_wavg_bwd_kernel(
     if HAS_SIZE:
         s_own = tl.load(size_ptr + b * stride_sb + own * stride_sn, mask=mask_t, other=1.0).to(tl.float32)
     acc = x_own * s_own[:, None]
-    s_sum = s_own
+    # [BLOCK_T, 1] columns in the loops, as in _tome_merge_kernel (Triton 3.6's layout pass)
+    tok_base = (src_tok_ptr + b * r + beg)[:, None]
+    size_base = (size_ptr + b * stride_sb)[:, None]
+    cnt2 = cnt[:, None]
+    mask_t2 = mask_t[:, None]
+    s_sum2 = s_own[:, None]
     for k in range(0, max_cnt):
-        live = mask_t & (k < cnt)
-        tok = tl.load(src_tok_ptr + b * r + beg + k, mask=live, other=0)
-        v = tl.load(x_base + tok[:, None] * stride_xn, mask=live[:, None] & mask_c[None, :], other=0.0)
+        live = mask_t2 & (k < cnt2)
+        tok = tl.load(tok_base + k, mask=live, other=0)
+        v = tl.load(x_base + tok * stride_xn, mask=live & mask_c[None, :], other=0.0)
         s = live.to(tl.float32)
         if HAS_SIZE:
-            s = tl.load(size_ptr + b * stride_sb + tok * stride_sn, mask=live, other=0.0).to(tl.float32)
-        acc += v.to(tl.float32) * s[:, None]
-        s_sum += s
-    s_mat = tl.zeros_like(acc) + s_sum[:, None]
+            s = tl.load(size_base + tok * stride_sn, mask=live, other=0.0).to(tl.float32)
+        acc += v.to(tl.float32) * s
+        s_sum2 += s
+    s_mat = tl.zeros_like(acc) + s_sum2
     out = tl.math.div_rn(acc, s_mat)
     g = tl.load(
         gout_ptr + b[:, None] * stride_gb + t[:, None] * stride_gn + offs_c[None, :] * stride_gc, mask=m2
@@ -311,16 +325,17 @@ def _tome_merge_wavg_bwd_kernel(
         gsz = tl.load(gsize_ptr + b * stride_gsb + t * stride_gsn, mask=mask_t, other=0.0).to(tl.float32)
     tl.store(gx_base + own[:, None] * c, (q * s_own[:, None]).to(gx_ptr.dtype.element_ty), mask=m2)
     tl.store(gs_ptr + b * n + own, tl.sum(q * (x_own - out), axis=1) + gsz, mask=mask_t)
+    gs_base = (gs_ptr + b * n)[:, None]
+    gsz2 = gsz[:, None]
     for k in range(0, max_cnt):
-        live = mask_t & (k < cnt)
-        tok = tl.load(src_tok_ptr + b * r + beg + k, mask=live, other=0)
-        v = tl.load(x_base + tok[:, None] * stride_xn, mask=live[:, None] & mask_c[None, :], other=0.0)
+        live = mask_t2 & (k < cnt2)
+        tok = tl.load(tok_base + k, mask=live, other=0)
+        v = tl.load(x_base + tok * stride_xn, mask=live & mask_c[None, :], other=0.0)
         s = live.to(tl.float32)
         if HAS_SIZE:
-            s = tl.load(size_ptr + b * stride_sb + tok * stride_sn, mask=live, other=0.0).to(tl.float32)
-        live2 = live[:, None] & mask_c[None, :]
-        tl.store(gx_base + tok[:, None] * c, (q * s[:, None]).to(gx_ptr.dtype.element_ty), mask=live2)
-        tl.store(gs_ptr + b * n + tok, tl.sum(q * (v.to(tl.float32) - out), axis=1) + gsz, mask=live)
+            s = tl.load(size_base + tok * stride_sn, mask=live, other=0.0).to(tl.float32)
+        tl.store(gx_base + tok * c, (q * s).to(gx_ptr.dtype.element_ty), mask=live & mask_c[None, :])
+        tl.store(gs_base + tok, tl.sum(q * (v.to(tl.float32) - out), axis=1, keep_dims=True) + gsz2, mask=live)
 
 
 # ----------------------------------------------------------------------------------------------------

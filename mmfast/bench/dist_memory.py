@@ -19,7 +19,6 @@ Shapes: ``--batch`` 1024 pairs per rank, ``--dim`` 512, fp32.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import statistics
 from collections.abc import Sequence
@@ -106,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per world size")
     opts = parser.parse_args(argv)
-    from mmfast.bench.wire import cpu_model
+    from mmfast.bench.report import cpu_model, write_csv
     from mmfast.testing import run_distributed
 
     schemes = [s for s in opts.schemes.split(",") if s]
@@ -139,11 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         oc = by.get(("open_clip", r["world"]))
         r["open_clip_over_this"] = round(oc["measured_bytes"] / r["measured_bytes"], 2) if oc else ""
     out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "dist_memory.csv", "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=list(rows[0]))
-        wr.writeheader()
-        wr.writerows(rows)
+    write_csv(out / "dist_memory.csv", rows)
     title = f"ClipLoss local_loss+gather_with_grad, B={b} D={d} fp32, gloo, {cpu}"
     lines = [f"# Per-rank peak loss memory against W: {title}", "",
              f"`python -m mmfast.bench.dist_memory --worlds {opts.worlds} --batch {b} --dim {d} --schemes "

@@ -26,6 +26,7 @@ from mmfast.bench.harness import BenchResult
 __all__ = [
     "CSV_FIELDS",
     "cpu_model",
+    "write_csv",
     "default_out_dir",
     "environment",
     "format_bytes",
@@ -162,6 +163,17 @@ def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
         "hostname": platform.node(),
         "command": command_line(),
     }
+
+
+def write_csv(path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]]) -> Path:
+    """Write ``rows`` (dicts with the keys of the first) as a CSV file, creating its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
 
 
 def default_out_dir() -> Path:

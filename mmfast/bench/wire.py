@@ -16,15 +16,12 @@ It writes ``<out>/wire_bytes.csv`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
-import platform
-import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["interface_tx_bytes", "step_wire_bytes", "scheme_step", "measure_schemes", "cpu_model", "main"]
+__all__ = ["interface_tx_bytes", "step_wire_bytes", "scheme_step", "measure_schemes", "main"]
 
 
 def interface_tx_bytes(iface: str = "lo") -> int:
@@ -104,17 +101,6 @@ def measure_schemes(rank: int, world: int, schemes: Sequence[str], b: int, d: in
     return out
 
 
-def cpu_model() -> str:
-    """The CPU's model name (``lscpu``), for the records of a measurement."""
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mmfast.bench.wire", description=__doc__.split("\n\n")[0])
     parser.add_argument("--world", type=int, default=4)
@@ -125,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="open_clip, gather:G, ring:G (G = group_size)")
     parser.add_argument("--out", default="benchmarks/results")
     opts = parser.parse_args(argv)
+    from mmfast.bench.report import cpu_model, write_csv
     from mmfast.testing import run_distributed
 
     schemes = [s for s in opts.schemes.split(",") if s]
@@ -139,11 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "open_clip_over_this": round(base / wire, 3) if base else "",
                      "cpu": cpu_model(), "date": datetime.date.today().isoformat()})
     out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "wire_bytes.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out / "wire_bytes.csv", rows)
     lines = [f"# Loopback bytes of one ClipLoss step (local_loss + gather_with_grad), W={opts.world}, "
              f"B={opts.batch}, D={opts.dim} fp32, gloo", "",
              f"`python -m mmfast.bench.wire --world {opts.world} --batch {opts.batch} --dim {opts.dim}` on "

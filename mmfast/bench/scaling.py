@@ -1153,22 +1153,6 @@ def _open_clip_memory(prob: Problem, local_loss: bool, gather_with_grad: bool, b
     return m.peak
 
 
-def _merge_steps(stages: list[Stage]) -> list[Stage]:
-    """Consecutive stages of the same name, collectives and compute as one stage with a repeat count."""
-    out: list[Stage] = []
-    for st in stages:
-        key = (st.name, [(c.op, c.group, c.payload, c.dtype, c.phase) for c in st.comm], st.compute_s, st.overlap,
-               st.concurrent)
-        if out:
-            last = out[-1]
-            if key == (last.name, [(c.op, c.group, c.payload, c.dtype, c.phase) for c in last.comm], last.compute_s,
-                       last.overlap, last.concurrent):
-                last.repeat += st.repeat
-                continue
-        out.append(st)
-    return out
-
-
 def _merge_all(stages: list[Stage]) -> list[Stage]:
     """Stages of the same name, collectives and compute as one stage with a repeat count, wherever
     they occur (times and bytes add, so a step's stages repeated K times are its stages K times)."""

@@ -52,7 +52,8 @@ info: $(VENV)/.mmfast
 clean:
 	rm -rf build mmfast/_C*.so $(VENV)/.mmfast
 
-# Wheels the offline GPU machine lacks (open_clip for the baselines). Fetch them here, then pass
-# carry=["benchmarks/wheels"] to the device run; benchmarks/gpu_check.sh installs them --no-deps.
+# Wheels the offline GPU machine lacks (open_clip for the baselines, and ftfy and wcwidth, which its
+# import needs). Fetch them here, then pass carry=["benchmarks/wheels"] to the device run;
+# benchmarks/gpu_check.sh installs them --no-deps.
 gpu-wheels: $(BIN)/python
-	$(BIN)/python -m pip download --no-deps -d benchmarks/wheels open-clip-torch==3.3.0
+	$(BIN)/python -m pip download --no-deps -d benchmarks/wheels open-clip-torch==3.3.0 ftfy wcwidth

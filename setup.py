@@ -89,7 +89,12 @@ def _extensions():
 
     debug = _flag("MMFAST_DEBUG", "0") in ("1", "true", "yes")
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = opt + ["-fopenmp"]  # the C++ standard is left to torch (C++20 for torch >= 2.10)
+    # One C++ standard for every torch CI builds against: torch 2.14's cpp_extension defaults to
+    # C++20 and its headers need it; torch 2.11's defaults to C++17, and its headers (and nvcc 13)
+    # compile as C++20 too. cpp_extension adds its default only when no -std= is given, for g++ and
+    # for nvcc alike (nvcc rejects two -std flags), so both get it explicitly.
+    std = ["-std=c++20"]
+    cxx = opt + std + ["-fopenmp"]
     if platform.machine().lower() in ("x86_64", "amd64") and _flag("MMFAST_CPU_ISA", "avx2") == "avx2":
         # ATen's Vectorized<T> picks its AVX2 implementation (Sleef exp) from these macros.
         # mmfast._ext checks the CPU for AVX2 before loading _C.
@@ -98,7 +103,7 @@ def _extensions():
     extra = {"cxx": cxx}
     if use_cuda:
         cxx.append("-DMMFAST_WITH_CUDA")
-        extra["nvcc"] = opt + ["--use_fast_math", "-lineinfo", "-DMMFAST_WITH_CUDA"]
+        extra["nvcc"] = opt + std + ["--use_fast_math", "-lineinfo", "-DMMFAST_WITH_CUDA"]
         ext = cpp_extension.CUDAExtension(
             "mmfast._C", sources + cuda_sources, extra_compile_args=extra,
             extra_link_args=["-fopenmp"],

@@ -119,6 +119,27 @@ def triton_modules_status() -> dict[str, str | None]:
     return out
 
 
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for p in text.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in p if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def _interpreter_problem() -> str | None:
+    """Triton 3.6's interpreter breaks under numpy >= 2.4: a loop bound computed from
+    ``tl.program_id`` is a 1-element array, and numpy 2.4 no longer converts those to Python ints."""
+    import numpy
+    import triton
+
+    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
+        return (f"the Triton {triton.__version__} interpreter fails with numpy {numpy.__version__} ('only "
+                "0-dimensional arrays can be converted to Python scalars'): install numpy<2.4, or triton "
+                ">= 3.8 (works with numpy 2.4)")
+    return None
+
+
 @functools.cache
 def triton_status() -> tuple[bool, str]:
     """(usable, how): Triton on a GPU, or the interpreter on CPU tensors (TRITON_INTERPRET=1). The
@@ -132,8 +153,15 @@ def triton_status() -> tuple[bool, str]:
     if missing:
         return False, f"mmfast.triton lacks {', '.join(missing)} (a stale install? reinstall mmfast)"
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        why = _interpreter_problem()
+        if why:
+            return False, why
         return True, "interpreter (TRITON_INTERPRET=1): runs on CPU tensors, slow, for testing"
     if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        if (major, minor) < (8, 0):
+            return False, (f"GPU {torch.cuda.get_device_name()} is sm_{major}{minor}: mmfast's Triton "
+                           "kernels need sm_80 or newer")
         return True, f"GPU: {torch.cuda.get_device_name()}"
     return False, "no CUDA GPU visible (set TRITON_INTERPRET=1 to run kernels in the interpreter)"
 

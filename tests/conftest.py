@@ -12,12 +12,18 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# benchmarks/gpu_check.sh sets this: a GPU test that skips fails instead, unless it declares an
+# optional dependency (@pytest.mark.optional_dep("flash_attn")), so that a run where CUDA, a kernel
+# module or the CUDA build is missing cannot report ok.
+GPU_STRICT = os.environ.get("MMFAST_GPU_STRICT", "0") == "1"
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped on CPU-only machines)")
     config.addinivalue_line("markers", "slow: long-running; deselect with -m 'not slow'")
     config.addinivalue_line("markers", "distributed: spawns gloo processes")
+    config.addinivalue_line(
+        "markers", "optional_dep(name): needs an optional package; may skip under MMFAST_GPU_STRICT=1")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -27,6 +33,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if GPU_STRICT and rep.skipped and "gpu" in item.keywords and item.get_closest_marker("optional_dep") is None:
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        rep.outcome = "failed"
+        rep.longrepr = f"MMFAST_GPU_STRICT=1: this GPU test skipped, which counts as a failure: {reason}"
 
 
 @pytest.fixture(autouse=True)

@@ -349,6 +349,7 @@ def test_bench_flash_window_attention_matches_reference(fake_flash):
 
 
 @pytest.mark.gpu
+@pytest.mark.optional_dep("flash_attn")
 @pytest.mark.parametrize("order", ["roll_pad", "pad_roll"])
 def test_real_flash_attn_on_cuda(order):
     why = registry.backend_unavailable_reason("flash_attn")

@@ -4,6 +4,8 @@ Import is cheap and never fails for a missing extension or GPU: see ``mmfast.bac
 ``python -m mmfast.info``.
 """
 
+import importlib
+
 from mmfast import functional, tome
 from mmfast._ext import backends
 from mmfast._version import __version__
@@ -20,3 +22,12 @@ from mmfast.ops import use_backend
 
 __all__ = ["__version__", "backends", "functional", "tome", "use_backend", "ClipLoss", "SigLipLoss", "WindowAttention",
            "WindowAttentionV2", "SwinTransformerBlock", "SwinTransformerV2Block", "TokenMerger"]
+
+# Subpackages named in the API contract that are not imported above load on first access.
+_LAZY = ("patch", "distributed", "reference", "ops", "nn", "bench", "train", "integrations", "info", "testing")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -63,6 +63,7 @@ import torch
 from torch import Tensor, nn
 
 from mmfast import functional as MF
+from mmfast.patch import classes
 from mmfast.reference.tome import effective_r, parse_r, proportional_attention_bias
 
 __all__ = ["ToMeState", "apply_patch", "remove_patch", "parse_r", "is_patched", "merge_tokens", "num_mergeable"]
@@ -162,35 +163,26 @@ def weighted_mean(x: Tensor, size: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------------
-# patched classes: one subclass per original class, named and registered here so pickling works
+# patched classes: mmfast.patch.classes makes them (pickle-safe), in the "tome" family
+
+FAMILY = "tome"
 
 
-_SUBCLASSES: dict[tuple[type, type], type] = {}
+class ToMePatched(classes.PatchedModule):
+    """Base of the ToMe mixins (block and model, timm and open_clip)."""
 
-
-def patched_class(orig: type, mixin: type) -> type:
-    """The cached subclass ``(mixin, orig)`` that replaces ``orig`` on patched modules."""
-    key = (orig, mixin)
-    if key not in _SUBCLASSES:
-        name = "ToMe" + orig.__name__
-        if name in globals():
-            name = f"{name}_{len(_SUBCLASSES)}"
-        cls = type(name, (mixin, orig), {"_mmfast_tome_original": orig, "__module__": __name__})
-        cls.__qualname__ = name
-        globals()[name] = cls
-        _SUBCLASSES[key] = cls
-    return _SUBCLASSES[key]
+    family = FAMILY
+    prefix = "ToMe"
 
 
 def original_class(module: nn.Module) -> type:
     """The class ``module`` had before patching (its class when it is not patched)."""
-    cls = type(module)
-    return cls.__dict__.get("_mmfast_tome_original", cls)
+    return classes.original_class(module, FAMILY)
 
 
 def is_patched(model: nn.Module) -> bool:
     """True when ``model`` (or, for an open_clip CLIP, its ``.visual``) carries the ToMe patch."""
-    return "_mmfast_tome_original" in type(model).__dict__
+    return classes.is_patched(model, FAMILY)
 
 
 _BLOCK_ATTRS = ("_tome_r",)
@@ -199,19 +191,15 @@ _MODEL_ATTRS = ("_tome_r_spec", "_tome_prop_attn", "_tome_trace_source")
 
 def swap_class(module: nn.Module, mixin: type) -> None:
     """Give ``module`` the patched subclass of its original class (idempotent)."""
-    module.__class__ = patched_class(original_class(module), mixin)
+    classes.swap_class(module, mixin)
 
 
 def restore_class(module: nn.Module) -> None:
     """Undo :func:`swap_class` and drop the attributes the patch added."""
-    if is_patched(module):
-        module.__class__ = type(module).__dict__["_mmfast_tome_original"]
-    for attr in _BLOCK_ATTRS + _MODEL_ATTRS:
-        if attr in module.__dict__:
-            delattr(module, attr)
+    classes.restore_class(module, FAMILY, _BLOCK_ATTRS + _MODEL_ATTRS)
 
 
-class ToMeModelMixin:
+class ToMeModelMixin(ToMePatched):
     """``r`` as a settable property on a patched model; the per-layer schedule goes to the blocks."""
 
     def _tome_blocks(self) -> Sequence[nn.Module]:  # pragma: no cover - overridden

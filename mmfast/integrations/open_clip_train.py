@@ -442,9 +442,9 @@ def _apply_model_patches(model: Any, opts: MMFastOptions, batch_size: int, devic
         raise MMFastFlagError(f"mmfast: the model ({type(model).__name__}) has no .visual tower to patch")
     trunk = _timm_trunk(visual)
     if opts.window_attention:
-        from mmfast.patch.timm import _swin_classes
+        from mmfast.patch.timm import swin_block_classes
 
-        swin = tuple(_swin_classes())
+        swin = swin_block_classes()
         if trunk is None or not any(isinstance(m, swin) for m in trunk.modules()):
             what = f"timm {type(trunk).__name__}" if trunk is not None else type(visual).__name__
             raise MMFastFlagError("--mmfast-window-attention applies to a timm Swin vision trunk; this model's "
@@ -453,10 +453,10 @@ def _apply_model_patches(model: Any, opts: MMFastOptions, batch_size: int, devic
     before = visual_images_per_second(visual, batch_size, device, precision) if master else math.nan
     done = []
     if opts.window_attention:
-        from mmfast.patch.timm import _PATCHED, apply_window_attention
+        from mmfast.patch.timm import apply_window_attention, count_patched
 
         apply_window_attention(trunk)
-        n = sum(type(m) in _PATCHED.values() for m in trunk.modules())
+        n = count_patched(trunk)
         done.append(f"fused window attention on {n} Swin blocks")
     if opts.tome_r is not None:
         from mmfast import tome

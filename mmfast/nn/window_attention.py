@@ -22,7 +22,7 @@ from mmfast import functional as MF
 from mmfast.reference import window_attention as ref
 
 __all__ = ["WindowAttention", "WindowAttentionV2", "SwinTransformerBlock", "SwinTransformerV2Block",
-           "fused_window_attention_v1", "fused_window_attention_v2"]
+           "fused_window_attention_v1", "fused_window_attention_v2", "attention_fusable"]
 
 
 def _pair(v) -> tuple[int, int]:
@@ -76,12 +76,13 @@ def fused_window_attention_v2(attn: nn.Module, x: Tensor, window_size, shift_siz
     return attn.proj_drop(attn.proj(out.reshape(b, h, w, heads * hd)))
 
 
-def _fusable(attn: nn.Module) -> bool:
+def attention_fusable(attn: nn.Module) -> bool:
+    """Whether the fused kernel can run ``attn`` now: not while training with attention dropout."""
     return not (attn.training and attn.attn_drop.p > 0)
 
 
 def _check_fusable(attn: nn.Module) -> None:
-    if not _fusable(attn):
+    if not attention_fusable(attn):
         raise RuntimeError(f"attention dropout (attn_drop={attn.attn_drop.p}) is not supported by the fused "
                            "window-attention kernel; set attn_drop=0 or call .eval()")
 
@@ -124,7 +125,7 @@ class WindowAttention(nn.Module):
         if n != self.window_area:
             raise ValueError(f"x must be [B*nW, {self.window_area}, C] for window {self.window_size}, "
                              f"got {tuple(x.shape)}")
-        if mask is None and _fusable(self):
+        if mask is None and attention_fusable(self):
             # each window is a (Wh, Ww) map with exactly one window: no shift, no padding
             out = fused_window_attention_v1(self, x.view(b_, *self.window_size, c), self.window_size, 0)
             return out.reshape(b_, n, c)

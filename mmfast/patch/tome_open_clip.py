@@ -58,7 +58,7 @@ def _mlp(mlp: nn.Module, x: Tensor) -> Tensor:
     return mlp(x)
 
 
-class ToMeResidualAttentionBlockMixin:
+class ToMeResidualAttentionBlockMixin(T.ToMePatched):
     """Patched ``ResidualAttentionBlock``: ``forward(q_x, k_x=None, v_x=None, attn_mask=None, tome_state=None)``."""
 
     _tome_r: int
@@ -73,7 +73,7 @@ class ToMeResidualAttentionBlockMixin:
                     f"a ToMe-patched open_clip ResidualAttentionBlock with r={self._tome_r} was called without a "
                     "ToMeState (e.g. by forward_intermediates or visual.transformer(x)); call the patched "
                     "VisionTransformer's forward / forward_features_tome, or set r = 0")
-            return type(self)._mmfast_tome_original.forward(self, q_x, k_x, v_x, attn_mask=attn_mask)
+            return type(self)._mmfast_original_tome.forward(self, q_x, k_x, v_x, attn_mask=attn_mask)
         if k_x is not None or v_x is not None:
             raise ValueError("ToMe blocks are self-attention only (k_x / v_x must be None)")
         s = tome_state
@@ -87,7 +87,7 @@ class ToMeResidualAttentionBlockMixin:
         """The block as a pure function of ``(x, size, source)``: returns the new triple."""
         r = self._tome_r
         if size is None and T.num_mergeable(x.shape[1], r, num_prefix_tokens) == 0:
-            out = type(self)._mmfast_tome_original.forward(self, x, attn_mask=attn_mask)
+            out = type(self)._mmfast_original_tome.forward(self, x, attn_mask=attn_mask)
             return out, size, source
         if attn_mask is not None:
             raise ValueError("attn_mask cannot be combined with token merging (the token count changes)")
@@ -121,12 +121,12 @@ class ToMeVisionTransformerMixin(T.ToMeModelMixin):
     def _tome_global_pool(self, x: Tensor, size: Tensor) -> tuple[Tensor, Tensor]:
         if self.pool_type == "avg":
             return T.weighted_mean(x[:, 1:], size[:, 1:]), x[:, 1:]
-        return type(self)._mmfast_tome_original._global_pool(self, x)  # 'tok' / 'none'
+        return type(self)._mmfast_original_tome._global_pool(self, x)  # 'tok' / 'none'
 
     def tome_pool(self, x: Tensor, size: Tensor | None) -> tuple[Tensor, Tensor]:
         """open_clip's ``_pool`` with size-weighted ``'avg'``: ``(pooled, tokens)``."""
         if size is None:
-            return type(self)._mmfast_tome_original._pool(self, x)
+            return type(self)._mmfast_original_tome._pool(self, x)
         _check_pool(self)
         if self.final_ln_after_pool:
             pooled, tokens = self._tome_global_pool(x, size)
@@ -146,7 +146,7 @@ class ToMeVisionTransformerMixin(T.ToMeModelMixin):
         return pooled
 
 
-class ToMeCLIPMixin:
+class ToMeCLIPMixin(T.ToMePatched):
     """Patched open_clip ``CLIP`` / ``CustomTextCLIP``: ``r`` forwards to the patched ``.visual``."""
 
     @property

@@ -80,7 +80,7 @@ def _plain_attention(attn: Attention) -> bool:
             and not (attn.training and attn.attn_drop.p > 0))
 
 
-class ToMeBlockMixin:
+class ToMeBlockMixin(T.ToMePatched):
     """Patched timm ``Block``: ``forward(x, attn_mask=None, is_causal=False, tome_state=None)``."""
 
     _tome_r: int
@@ -96,7 +96,7 @@ class ToMeBlockMixin:
                     f"a ToMe-patched timm Block with r={self._tome_r} was called without a ToMeState (e.g. by "
                     "forward_intermediates or by iterating model.blocks); call the patched model's forward / "
                     "forward_features / forward_features_tome, or set model.r = 0")
-            return type(self)._mmfast_tome_original.forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
+            return type(self)._mmfast_original_tome.forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
         s = tome_state
         x, s.size, s.source = self.tome_forward(x, s.size, s.source, s.num_prefix_tokens, s.prop_attn,
                                                 s.trace_source, attn_mask, is_causal)
@@ -109,7 +109,7 @@ class ToMeBlockMixin:
         r = self._tome_r
         if size is None and T.num_mergeable(x.shape[1], r, num_prefix_tokens) == 0:
             # nothing merged so far and nothing to merge here: timm's own block (bitwise unpatched)
-            out = type(self)._mmfast_tome_original.forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
+            out = type(self)._mmfast_original_tome.forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
             return out, size, source
         if attn_mask is not None or is_causal:
             raise ValueError("attn_mask / is_causal cannot be combined with token merging (the token count "
@@ -163,7 +163,7 @@ class ToMeVisionTransformerMixin(T.ToMeModelMixin):
 
     def pool(self, x: Tensor, pool_type: str | None = None, size: Tensor | None = None) -> Tensor:
         """timm's pool; with token sizes, ``'avg'`` is weighted by size (other size-free pools as timm)."""
-        base = type(self)._mmfast_tome_original
+        base = type(self)._mmfast_original_tome
         if size is None:
             return base.pool(self, x, pool_type)
         _check_pool(self, pool_type)
@@ -175,7 +175,7 @@ class ToMeVisionTransformerMixin(T.ToMeModelMixin):
 
     def forward_head(self, x: Tensor, pre_logits: bool = False, size: Tensor | None = None) -> Tensor:
         """timm's head; pass the ``size`` of merged tokens (``forward`` does) for ``'avg'`` pooling."""
-        base = type(self)._mmfast_tome_original
+        base = type(self)._mmfast_original_tome
         if base.forward_head is not VisionTransformer.forward_head:
             return base.forward_head(self, x, pre_logits=pre_logits)  # a subclass head (token pooling only)
         x = self.pool(x, size=size)

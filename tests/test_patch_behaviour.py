@@ -81,15 +81,20 @@ def _close(a, b, tol=FWD_TOL):
 KINDS = ["swin_v1", "swin_v2", "windowed_vit", "tome_timm", "tome_open_clip"]
 
 
+def _python(code: str) -> str:
+    """Run ``code`` in a fresh interpreter (nothing of this process imported or patched); its stdout."""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
 def test_patches_are_reachable_from_a_bare_import():
     code = ("import mmfast, timm\n"
             "m = timm.create_model('swin_tiny_patch4_window7_224', pretrained=False, depths=(1,), num_heads=(2,),"
             " embed_dim=32, img_size=56)\n"
             "mmfast.patch.timm.apply_window_attention(m)\n"
             "print(mmfast.patch.timm.count_patched(m), mmfast.patch.tome_timm.__name__, mmfast.distributed.__name__)\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.split() == ["1", "mmfast.patch.tome_timm", "mmfast.distributed"]
+    assert _python(code).split() == ["1", "mmfast.patch.tome_timm", "mmfast.distributed"]
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         mmfast.patch.nope  # noqa: B018
 
@@ -118,9 +123,7 @@ def test_pickle_and_deepcopy_round_trip(kind, tmp_path):
             "with torch.no_grad():\n"
             "    err = (m(d['x']) - d['want']).abs().max().item()\n"
             "print(type(m).__name__, err)\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert res.returncode == 0, res.stderr
-    name, err = res.stdout.split()
+    name, err = _python(code).split()
     assert name == type(ours).__name__ and float(err) == 0.0
 
 

@@ -6,7 +6,7 @@ are imported only when a patch for them is used."""
 
 import importlib
 
-_SUBMODULES = ("classes", "timm", "tome_timm", "tome_open_clip")
+_SUBMODULES = ("classes", "timm", "tome_core", "tome_timm", "tome_open_clip")
 
 
 def __getattr__(name: str):

@@ -20,9 +20,9 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from mmfast import tome as T
 from mmfast.ops import linear as L
 from mmfast.ops import tome as MT
+from mmfast.patch import tome_core as T
 from mmfast.reference.tome import parse_r
 
 __all__ = ["apply", "tome_mha"]

@@ -18,9 +18,9 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from mmfast import tome as T
 from mmfast.ops import linear as L
 from mmfast.ops import tome as MT
+from mmfast.patch import tome_core as T
 from mmfast.reference.tome import parse_r
 
 __all__ = ["apply", "tome_attention", "SIZE_AWARE_POOLS"]

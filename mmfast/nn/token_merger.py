@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from mmfast import functional as MF
-from mmfast.reference.tome import _as_count
+from mmfast.reference.tome import as_count
 
 __all__ = ["TokenMerger"]
 
@@ -32,7 +32,7 @@ class TokenMerger(nn.Module):
 
     def __init__(self, r: int, class_token: bool = False, distill_token: bool = False, prop: bool = False) -> None:
         super().__init__()
-        self.r = _as_count(r, "r")
+        self.r = as_count(r, "r")
         self.class_token = bool(class_token)
         self.distill_token = bool(distill_token)
         self.prop = bool(prop)

@@ -51,7 +51,7 @@ def _fusable(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     # Under torch.compile, Inductor makes the same oneDNN fusion itself, and only for weights it can
     # treat as graph constants: calling the op directly would break its weight prepacking.
     return (not torch.compiler.is_compiling()
-            and registry._forced_for("fused_linear") != "reference"
+            and registry.forced_backend("fused_linear") != "reference"
             and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and (bias is None or bias.dtype == torch.float32)
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad

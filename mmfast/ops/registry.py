@@ -63,7 +63,13 @@ def use_backend(backend: str, ops: Sequence[str] | None = None) -> Iterator[None
         _state.forced = prev
 
 
-def _forced_for(op: str) -> str | None:
+def default_preference(device_type: str) -> tuple[str, ...]:
+    """The registry's backend order for ``device_type`` tensors (an op may define its own)."""
+    return _PREFERENCE.get(device_type, ("reference",))
+
+
+def forced_backend(op: str) -> str | None:
+    """The backend :func:`use_backend` forces for ``op`` in this thread, or None."""
     forced = getattr(_state, "forced", None)
     if forced is None:
         return None
@@ -92,7 +98,7 @@ class OpSpec:
     def preference(self, device_type: str) -> tuple[str, ...]:
         if self.preference_fn is not None:
             return tuple(self.preference_fn(device_type))
-        return _PREFERENCE.get(device_type, ("reference",))
+        return default_preference(device_type)
 
     def auto_backend(self, device_type: str) -> str:
         """The backend ``impl='auto'`` picks for ``device_type`` inputs that every backend takes
@@ -113,7 +119,7 @@ class OpSpec:
 
     def select(self, device: torch.device, impl: str | None, *args) -> str:
         """The backend to run for inputs on ``device`` (``args`` are passed to the checks)."""
-        forced = impl if impl not in (None, "auto") else _forced_for(self.name)
+        forced = impl if impl not in (None, "auto") else forced_backend(self.name)
         if forced is not None:
             if forced not in BACKENDS:
                 raise ValueError(f"impl must be one of {('auto',) + BACKENDS}, got {forced!r}")

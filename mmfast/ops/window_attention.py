@@ -174,7 +174,7 @@ def flash_attn_policy() -> str:
 
 
 def _preference(device_type: str) -> tuple[str, ...]:
-    base = registry._PREFERENCE.get(device_type, ("reference",))
+    base = registry.default_preference(device_type)
     policy = _FLASH_POLICY["value"]
     if policy == "never" or device_type not in _FLASH_DEVICE_TYPES:
         return base
@@ -225,7 +225,7 @@ def _process_backend(x: Tensor) -> str:
     forces ``flash_attn`` must not reach the partition op)."""
     from mmfast.ops.window_process import PROCESS
 
-    for b in registry._PREFERENCE.get(x.device.type, ("reference",)):
+    for b in registry.default_preference(x.device.type):
         if b in PROCESS.impls and not PROCESS.reasons(b, x):
             return b
     return "reference"

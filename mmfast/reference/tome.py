@@ -44,6 +44,7 @@ import torch
 
 __all__ = [
     "MERGE_MODES",
+    "as_count",
     "bipartite_soft_matching",
     "effective_r",
     "matching_indices",
@@ -61,7 +62,7 @@ MergeFn = Callable[..., torch.Tensor]
 UnmergeFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _as_count(value: object, name: str) -> int:
+def as_count(value: object, name: str) -> int:
     """``value`` as a non-negative Python int; ``ValueError`` naming ``name`` otherwise."""
     if isinstance(value, bool):
         raise ValueError(f"{name} must be a non-negative int, got bool {value!r}")
@@ -95,8 +96,8 @@ def effective_r(num_tokens: int, r: int, class_token: bool = False, distill_toke
 
     Raises ``ValueError`` (naming ``r``) for a negative or non-integer ``r``.
     """
-    r = _as_count(r, "r")
-    n = _as_count(num_tokens, "num_tokens")
+    r = as_count(r, "r")
+    n = as_count(num_tokens, "num_tokens")
     protected = int(bool(class_token)) + int(bool(distill_token))
     r = min(r, (n - protected) // 2)
     if n // 2 - int(bool(distill_token)) <= 0:
@@ -313,11 +314,11 @@ def parse_r(num_layers: int, r: int | Sequence[int] | tuple[int, float]) -> list
 
     ``num_layers`` must be a non-negative int; ``r`` values non-negative ints.
     """
-    num_layers = _as_count(num_layers, "num_layers")
+    num_layers = as_count(num_layers, "num_layers")
     if isinstance(r, tuple):
         if len(r) != 2:
             raise ValueError(f"r as a tuple must be (r, inflection), got {r!r}")
-        base = _as_count(r[0], "r")
+        base = as_count(r[0], "r")
         inflection = r[1]
         if isinstance(inflection, bool) or not isinstance(inflection, (int, float)):
             raise ValueError(f"r's inflection must be a number in [-1, 1], got {inflection!r}")
@@ -328,13 +329,13 @@ def parse_r(num_layers: int, r: int | Sequence[int] | tuple[int, float]) -> list
         step = (max_val - min_val) / (num_layers - 1) if num_layers > 1 else 0.0
         return [int(min_val + step * i) for i in range(num_layers)]
     if isinstance(r, Sequence) and not isinstance(r, (str, bytes)):
-        values = [_as_count(v, "r") for v in r]
+        values = [as_count(v, "r") for v in r]
         if len(values) > num_layers:
             raise ValueError(
                 f"r is a list of {len(values)} values but the model has only {num_layers} layers"
             )
         return values + [0] * (num_layers - len(values))
-    return [_as_count(r, "r")] * num_layers
+    return [as_count(r, "r")] * num_layers
 
 
 def proportional_attention_bias(size: torch.Tensor) -> torch.Tensor:

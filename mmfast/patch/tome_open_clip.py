@@ -25,7 +25,7 @@ from mmfast.ops import tome as MT
 from mmfast.patch import tome_core as T
 from mmfast.reference.tome import parse_r
 
-__all__ = ["apply", "tome_mha"]
+__all__ = ["apply", "tome_mha", "fused_mlp"]
 
 #: open_clip's vision tower always has exactly one prefix (class) token.
 NUM_PREFIX_TOKENS = 1
@@ -49,7 +49,7 @@ def tome_mha(mha: nn.MultiheadAttention, x: Tensor, size: Tensor | None, prop_at
     return out, k.mean(dim=1)
 
 
-def _mlp(mlp: nn.Module, x: Tensor) -> Tensor:
+def fused_mlp(mlp: nn.Module, x: Tensor) -> Tensor:
     """open_clip's ``c_fc -> GELU -> c_proj`` MLP, fc + exact GELU fused by oneDNN on CPU inference."""
     names = list(getattr(mlp, "_modules", {}))
     if (type(mlp) is nn.Sequential and names == ["c_fc", "gelu", "c_proj"] and type(mlp.gelu) is nn.GELU
@@ -94,7 +94,7 @@ class ToMeResidualAttentionBlockMixin(T.ToMePatched):
         y, metric = tome_mha(self.attn, self.ln_1(x), size, prop_attn)
         x = x + self.ls_1(y)
         x, size, source = T.merge_tokens(x, metric, r, size, source, num_prefix_tokens, trace_source)
-        x = x + self.ls_2(_mlp(self.mlp, self.ln_2(x)))
+        x = x + self.ls_2(fused_mlp(self.mlp, self.ln_2(x)))
         return x, size, source
 
 

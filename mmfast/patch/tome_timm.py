@@ -23,7 +23,7 @@ from mmfast.ops import tome as MT
 from mmfast.patch import tome_core as T
 from mmfast.reference.tome import parse_r
 
-__all__ = ["apply", "tome_attention", "SIZE_AWARE_POOLS"]
+__all__ = ["apply", "tome_attention", "fused_mlp", "SIZE_AWARE_POOLS"]
 
 #: ``global_pool`` values that have an exact form with merged tokens.
 SIZE_AWARE_POOLS = ("", "token", "avg")
@@ -65,7 +65,7 @@ def tome_attention(attn: Attention, x: Tensor, size: Tensor | None, prop_attn: b
     return out, k.mean(dim=1)
 
 
-def _mlp(mlp: nn.Module, x: Tensor) -> Tensor:
+def fused_mlp(mlp: nn.Module, x: Tensor) -> Tensor:
     """The block's MLP; fc1 + GELU fused by oneDNN on CPU inference (:mod:`mmfast.ops.linear`)."""
     if L.plain_gelu_mlp(mlp):
         return L.linear(L.linear(x, mlp.fc1, gelu=True), mlp.fc2)
@@ -117,7 +117,7 @@ class ToMeBlockMixin(T.ToMePatched):
         y, metric = tome_attention(self.attn, self.norm1(x), size, prop_attn)
         x = x + self.drop_path1(self.ls1(y))
         x, size, source = T.merge_tokens(x, metric, r, size, source, num_prefix_tokens, trace_source)
-        x = x + self.drop_path2(self.ls2(_mlp(self.mlp, self.norm2(x))))
+        x = x + self.drop_path2(self.ls2(fused_mlp(self.mlp, self.norm2(x))))
         return x, size, source
 
 

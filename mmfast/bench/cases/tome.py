@@ -132,9 +132,9 @@ class _FusedMlp(torch.nn.Module):
         self.inner = inner
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from mmfast.patch.tome_timm import _mlp
+        from mmfast.patch.tome_timm import fused_mlp
 
-        return _mlp(self.inner, x)
+        return fused_mlp(self.inner, x)
 
 
 def layer_shapes(num_tokens: int, depth: int, r: int, num_prefix_tokens: int = 1) -> list[tuple[int, int]]:

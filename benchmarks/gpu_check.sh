@@ -93,13 +93,13 @@ cap_of() {
 }
 
 write_summary() {
-    "$PY" - "$OUTDIR/summary.json" "$START" "$BUDGET" "$DRY" "$WARM" "$STEPS_JSON" "${PLAN[*]}" <<'PYEOF' || true
+    "$PY" - "$OUTDIR/summary.json" "$START" "$BUDGET" "$DRY" "$WARM" "$STEPS_JSON" "${PLAN[*]}" "$OVERHEAD" <<'PYEOF' || true
 import json, sys, time
-path, start, budget, dry, warm, steps, plan = sys.argv[1:8]
+path, start, budget, dry, warm, steps, plan, overhead = sys.argv[1:9]
 rows = [json.loads(x) for x in steps.split("\n") if x.strip()]
 ok = bool(rows) and all(r["rc"] == 0 or r.get("allowed_skip") for r in rows)
 summary = {"ok": ok, "dry_run": dry == "1", "warm": warm == "1", "elapsed_s": int(time.time()) - int(start),
-           "budget_s": int(budget), "plan": {p.split(":")[0]: int(p.split(":")[1]) for p in plan.split()},
+           "budget_s": int(budget), "overhead_s": int(overhead), "plan": {p.split(":")[0]: int(p.split(":")[1]) for p in plan.split()},
            "steps": rows, "exit_codes": {r["name"]: r["rc"] for r in rows}}
 with open(path, "w") as f:
     json.dump(summary, f, indent=2)

@@ -23,8 +23,8 @@ from mmfast.ops import use_backend
 __all__ = ["__version__", "backends", "functional", "tome", "use_backend", "ClipLoss", "SigLipLoss", "WindowAttention",
            "WindowAttentionV2", "SwinTransformerBlock", "SwinTransformerV2Block", "TokenMerger"]
 
-# Subpackages named in the API contract that are not imported above load on first access.
-_LAZY = ("patch", "distributed", "reference", "ops", "nn", "bench", "train", "integrations", "info", "testing")
+# Subpackages that the imports above do not load (or load only as a side effect) load on first access.
+_LAZY = ("patch", "distributed", "reference", "bench", "train", "integrations", "info", "testing")
 
 
 def __getattr__(name: str):

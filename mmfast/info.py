@@ -164,10 +164,11 @@ def _runs_on(archs: str, cap: tuple[int, int]) -> bool:
 def preflight() -> list[str]:
     """What stops a GPU run, one line per problem (empty: ready). Prints the versions first.
 
-    Checks: a CUDA GPU is visible, sm_80 or newer (the Triton kernels' floor), the interpreter is
-    off, mmfast._C loads and was built with the CUDA sources for this GPU's architecture, every op
-    with a CUDA backend has a CUDA kernel registered in the dispatcher, and every mmfast.triton
-    module imports. Seconds: nothing is compiled or launched (``--check`` does that)."""
+    Checks: a CUDA GPU is visible and Triton can use it (``_ext.triton_status``: sm_80 or newer,
+    triton and its kernel package installed), the interpreter is off, mmfast._C loads and was built
+    with the CUDA sources for this GPU's architecture, every op with a CUDA backend has a CUDA kernel
+    registered in the dispatcher, and every mmfast.triton module imports. Seconds: nothing is
+    compiled or launched (``--check`` does that)."""
     from mmfast import _ext
     from mmfast.ops import registry
 
@@ -190,10 +191,8 @@ def preflight() -> list[str]:
         cap = (props.major, props.minor)
         print(f"GPU 0: {props.name}, sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB, "
               f"{torch.cuda.device_count()} visible")
-        if cap < (8, 0):
-            problems.append(f"GPU: {props.name} is sm_{props.major}{props.minor}; mmfast's Triton kernels "
-                            "need sm_80 or newer")
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if interpreting:
         problems.append("TRITON_INTERPRET=1 is set: the Triton kernels would run in the interpreter, "
                         "not on the GPU (unset it)")
     info = _ext.build_info()
@@ -217,7 +216,10 @@ def preflight() -> list[str]:
                 has = False
             if not has:
                 problems.append(f"CUDA op {qualname}: no CUDA kernel registered in this build of mmfast._C")
-    if importlib.util.find_spec("triton") is None:
+    usable, how = _ext.triton_status()
+    if cap is not None and not interpreting and not usable:
+        problems.append(f"Triton: {how}")  # the sm_80 floor, a missing triton or kernel package
+    elif importlib.util.find_spec("triton") is None:
         problems.append("triton is not installed")
     else:
         for name, err in _ext.triton_modules_status().items():

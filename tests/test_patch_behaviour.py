@@ -16,13 +16,13 @@ import os
 import subprocess
 import sys
 
+import open_clip
 import pytest
+import timm
 import torch
 
 import mmfast
 from mmfast import tome
-
-timm = pytest.importorskip("timm")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FWD_TOL, BWD_TOL = 1e-4, 1e-3
@@ -49,10 +49,9 @@ def _vit() -> torch.nn.Module:
 
 
 def _open_clip_vit() -> torch.nn.Module:
-    oc = pytest.importorskip("open_clip", reason="needs open_clip")
     torch.manual_seed(0)
-    return oc.transformer.VisionTransformer(image_size=64, patch_size=8, width=48, layers=3, heads=3, mlp_ratio=4.0,
-                                            output_dim=16).eval()
+    return open_clip.transformer.VisionTransformer(image_size=64, patch_size=8, width=48, layers=3, heads=3,
+                                                   mlp_ratio=4.0, output_dim=16).eval()
 
 
 def _input(model) -> torch.Tensor:

@@ -15,7 +15,7 @@ from mmfast.patch import classes
 from mmfast.reference.tome import effective_r, parse_r, proportional_attention_bias
 
 __all__ = ["ToMeState", "RSpec", "parse_r", "effective_r", "is_patched", "merge_tokens", "num_mergeable",
-           "attention_bias", "weighted_mean", "ToMePatched", "ToMeModelMixin", "original_class", "swap_class",
+           "attention_bias", "weighted_mean", "ToMePatched", "ToMeModelMixin", "original_class",
            "restore_class"]
 
 RSpec = int | Sequence[int] | tuple[int, float]
@@ -139,13 +139,8 @@ _BLOCK_ATTRS = ("_tome_r",)
 _MODEL_ATTRS = ("_tome_r_spec", "_tome_prop_attn", "_tome_trace_source")
 
 
-def swap_class(module: nn.Module, mixin: type) -> None:
-    """Give ``module`` the patched subclass of its original class (idempotent)."""
-    classes.swap_class(module, mixin)
-
-
 def restore_class(module: nn.Module) -> None:
-    """Undo :func:`swap_class` and drop the attributes the patch added."""
+    """Undo :func:`mmfast.patch.classes.swap_class` (tome family) and drop the attributes the patch added."""
     classes.restore_class(module, FAMILY, _BLOCK_ATTRS + _MODEL_ATTRS)
 
 

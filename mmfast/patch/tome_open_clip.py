@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from mmfast.ops import linear as L
 from mmfast.ops import tome as MT
 from mmfast.patch import tome_core as T
+from mmfast.patch.classes import swap_class
 from mmfast.reference.tome import parse_r
 
 __all__ = ["apply", "tome_mha", "fused_mlp"]
@@ -218,13 +219,13 @@ def apply(model: nn.Module, r: T.RSpec = 0, prop_attn: bool = True, trace_source
     blocks = visual.transformer.resblocks
     parse_r(len(blocks), r)  # validate before touching the model
     for blk in blocks:
-        T.swap_class(blk, ToMeResidualAttentionBlockMixin)
+        swap_class(blk, ToMeResidualAttentionBlockMixin)
         if "_tome_r" not in blk.__dict__:
             blk._tome_r = 0
-    T.swap_class(visual, ToMeVisionTransformerMixin)
+    swap_class(visual, ToMeVisionTransformerMixin)
     visual._tome_prop_attn = prop_attn
     visual._tome_trace_source = trace_source
     visual.r = r
     if is_clip:
-        T.swap_class(model, ToMeCLIPMixin)
+        swap_class(model, ToMeCLIPMixin)
     return model

@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from mmfast.ops import linear as L
 from mmfast.ops import tome as MT
 from mmfast.patch import tome_core as T
+from mmfast.patch.classes import swap_class
 from mmfast.reference.tome import parse_r
 
 __all__ = ["apply", "tome_attention", "fused_mlp", "SIZE_AWARE_POOLS"]
@@ -217,10 +218,10 @@ def apply(model: VisionTransformer, r: T.RSpec = 0, prop_attn: bool = True,
                             "(exactly) can be patched")
     parse_r(len(blocks), r)  # validate before touching the model
     for blk in blocks:
-        T.swap_class(blk, ToMeBlockMixin)
+        swap_class(blk, ToMeBlockMixin)
         if "_tome_r" not in blk.__dict__:
             blk._tome_r = 0
-    T.swap_class(model, ToMeVisionTransformerMixin)
+    swap_class(model, ToMeVisionTransformerMixin)
     model._tome_prop_attn = prop_attn
     model._tome_trace_source = trace_source
     model.r = r

@@ -272,13 +272,21 @@ def _grad_kernel(
     LX, LY, D, y_blocks_per_split,
     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WX: tl.constexpr, HAS_WY: tl.constexpr,
     WANT_SUMS: tl.constexpr, SCALE_G: tl.constexpr, D_SINGLE: tl.constexpr, UPCAST: tl.constexpr,
-    PREC: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr, X_IS_B: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """dX[rows] (+)= scale * G @ Y over this program's range of Y rows, G computed from recomputed tiles.
 
     Softmax: G_xy = w_x * exp(l - lse_x) + w_y * exp(l - lse_y). Sigmoid: G_xy = w * sigmoid(l) with the
     weight on the X side (HAS_WX) or the Y side (HAS_WY). With WANT_SUMS the program also writes
     sum(G * <x, y>) and sum(G) (dscale, dbias partials) to SUMS[0 / 1, program].
+
+    X_IS_B: X is the forward's second operand (the pass for dB). The logits are then recomputed as
+    the forward computed them, ``(A rows) @ (B rows)^T`` transposed, not as ``(B rows) @ (A rows)^T``:
+    a matmul need not round both orientations alike (the interpreter's numpy does not, by up to an
+    ulp of the logit), and ``exp(l - lse)`` is only as exact as the recomputed ``l`` agrees with the
+    one the forward's ``lse`` came from (a disagreement costs ``|l|`` ulps: 6x plain PyTorch's error
+    at logit scale 30).
     """
     pid_x = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1).to(tl.int64)
@@ -320,7 +328,13 @@ def _grad_kernel(
         y_ok = cols < LY
         if D_SINGLE:
             y_t = _load_rows(Y, stride_y, cols, y_ok, 0, D, BLOCK_D, UPCAST)
-            s = tl.dot(x_t, tl.trans(y_t), input_precision=PREC)
+            if X_IS_B:
+                s = tl.trans(tl.dot(y_t, tl.trans(x_t), input_precision=PREC))
+            else:
+                s = tl.dot(x_t, tl.trans(y_t), input_precision=PREC)
+        elif X_IS_B:
+            s = tl.trans(_dot_rows(Y, stride_y, cols, y_ok, X, stride_x, rows, x_ok, D,
+                                   BLOCK_Y, BLOCK_X, BLOCK_D, UPCAST, PREC))  # fmt: skip
         else:
             s = _dot_rows(X, stride_x, rows, x_ok, Y, stride_y, cols, y_ok, D,
                           BLOCK_X, BLOCK_Y, BLOCK_D, UPCAST, PREC)  # fmt: skip
@@ -589,8 +603,10 @@ def _grad_pass(
     lse_y: torch.Tensor | None,
     w_y: torch.Tensor | None,
     want_sums: bool,
+    x_is_b: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """dX = scale * G @ Y (float32 [LX, D]) and, with ``want_sums``, the [2, programs] sum partials."""
+    """dX = scale * G @ Y (float32 [LX, D]) and, with ``want_sums``, the [2, programs] sum partials.
+    ``x_is_b``: x is the forward's second operand (logits recomputed in the forward's orientation)."""
     LX, D = x.shape
     LY = y.size(0)
     block_d, single = _d_block(cfg, D)
@@ -610,7 +626,7 @@ def _grad_pass(
         LX, LY, D, per,
         SIGMOID=sigmoid, HAS_BIAS=bias is not None, HAS_WX=w_x is not None, HAS_WY=w_y is not None,
         WANT_SUMS=want_sums, SCALE_G=scale_g, D_SINGLE=single, UPCAST=_upcast(x.dtype),
-        PREC=_prec(x.dtype), BLOCK_X=cfg.block_m, BLOCK_Y=cfg.block_n, BLOCK_D=block_d,
+        PREC=_prec(x.dtype), X_IS_B=x_is_b, BLOCK_X=cfg.block_m, BLOCK_Y=cfg.block_n, BLOCK_D=block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     dx = out[0] if splits == 1 else out.sum(0)  # fixed-order reduction: deterministic
@@ -649,8 +665,8 @@ def softmax_bwd(
         brw, bcw = arw, acw
     cfg = config or default_config("bwd", a)
     common = dict(sigmoid=False, want_sums=False)
-    da, _ = _grad_pass(a, b, scale, bias, cfg, lse_x=rl, w_x=arw, lse_y=cl, w_y=acw, **common)
-    db, _ = _grad_pass(b, a, scale, bias, cfg, lse_x=cl, w_x=bcw, lse_y=rl, w_y=brw, **common)
+    da, _ = _grad_pass(a, b, scale, bias, cfg, lse_x=rl, w_x=arw, lse_y=cl, w_y=acw, x_is_b=False, **common)
+    db, _ = _grad_pass(b, a, scale, bias, cfg, lse_x=cl, w_x=bcw, lse_y=rl, w_y=brw, x_is_b=True, **common)
     return da, db
 
 
@@ -700,7 +716,7 @@ def sigmoid_bwd(
     w = _vector(row_w, M, "row_w", a.device)
     cfg = config or default_config("bwd", a)
     da, sums = _grad_pass(a, b, scale, bias, cfg, sigmoid=True, lse_x=None, w_x=w, lse_y=None, w_y=None,
-                          want_sums=True)  # fmt: skip
+                          want_sums=True, x_is_b=False)  # fmt: skip
     db, _ = _grad_pass(b, a, scale, bias, cfg, sigmoid=True, lse_x=None, w_x=None, lse_y=None, w_y=w,
-                       want_sums=False)  # fmt: skip
+                       want_sums=False, x_is_b=True)  # fmt: skip
     return da, db, sums[0].sum(), sums[1].sum()

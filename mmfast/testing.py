@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+import sys
 import tempfile
 import traceback
 from collections.abc import Callable, Sequence
@@ -90,6 +91,13 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, ou
         result = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "tb": traceback.format_exc()}
     with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
         pickle.dump(result, f)
+    # The result is on disk; leave without the interpreter's exit-time teardown, where torch's
+    # process-group threads have aborted a rank after a clean destroy_process_group ("terminate
+    # called without an active exception", exit code -6, seen once in CI). What fn did is reported
+    # through the result file, exceptions included.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_distributed(

@@ -40,9 +40,6 @@ import os
 
 import torch
 
-from mmfast import _ext
-from mmfast.reference.tome import MERGE_MODES, effective_r
-
 from ._device import on_tensor_device
 
 try:
@@ -72,7 +69,8 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Modes of the merge kernel (constexpr); 0 is the size-weighted average.
 _WAVG = 0
 _MODE_IDS = {"sum": 1, "prod": 2, "mean": 3, "amax": 4, "amin": 5}
-assert set(_MODE_IDS) == set(MERGE_MODES)
+#: The modes of :func:`tome_merge` (those of ``mmfast.reference.tome.MERGE_MODES``; a test holds them equal).
+MERGE_MODES = tuple(_MODE_IDS)
 
 
 def _jit(fn):
@@ -365,9 +363,8 @@ def _tensor_reasons(name: str, t: torch.Tensor | None) -> list[str]:
 
 
 def _common_reasons(**tensors: torch.Tensor | None) -> list[str]:
-    ok, how = _ext.triton_status()
-    if triton is None or not ok:
-        return [how]
+    if triton is None:
+        return ["triton is not installed"]
     reasons = []
     for name, t in tensors.items():
         reasons += _tensor_reasons(name, t)
@@ -540,7 +537,8 @@ def tome_match(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Bipartite soft matching: ``reference.tome.matching_indices`` with a fused score kernel.
 
-    ``metric``: ``[B, N, C]`` fp16 / bf16 / fp32. ``r`` is clamped by ``effective_r``. Returns int64
+    ``metric``: ``[B, N, C]`` fp16 / bf16 / fp32. ``r`` is the effective count (``mmfast.tome.effective_r``;
+    the op layer clamps it, a larger one is a ``ValueError``). Returns int64
     ``(unm_idx [B, N_A - r], src_idx [B, r], dst_idx [B, r])`` with ``N_A = (N + 1) // 2``: A indices
     of the unmerged tokens (ascending with ``class_token``, else by descending best score, ties lower
     index first), A indices of the merged tokens (descending best score, ties lower index first) and
@@ -550,7 +548,10 @@ def tome_match(
     """
     _check_metric(metric)
     bsz, n, c = metric.shape
-    r = effective_r(n, r, class_token, distill_token)
+    protected = int(bool(class_token)) + int(bool(distill_token))
+    if not 0 <= r <= max((n - protected) // 2, 0) or (r and n // 2 - int(bool(distill_token)) <= 0):
+        raise ValueError(f"tome_match: r={r} is not an effective merge count for {n} tokens "
+                         f"(class_token={class_token}, distill_token={distill_token}); see mmfast.tome.effective_r")
     n_a, n_b = (n + 1) // 2, n // 2
     dev = metric.device
     if r == 0 or bsz == 0:

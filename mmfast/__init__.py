@@ -6,7 +6,7 @@ Import is cheap and never fails for a missing extension or GPU: see ``mmfast.bac
 
 import importlib
 
-from mmfast import functional, tome
+from mmfast import _ext, functional, tome
 from mmfast._ext import backends
 from mmfast._version import __version__
 from mmfast.nn import (
@@ -30,4 +30,6 @@ _LAZY = ("patch", "distributed", "reference", "bench", "train", "integrations", 
 def __getattr__(name: str):
     if name in _LAZY:
         return importlib.import_module(f"{__name__}.{name}")
+    if name == "triton" and _ext.ensure_triton_package() is None:
+        return importlib.import_module(f"{__name__}.triton")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -95,10 +95,7 @@ def ensure_triton_package() -> str | None:
     except Exception as exc:  # noqa: BLE001 - reported, never raised at import
         del sys.modules["mmfast.triton"]
         return f"mmfast.triton (from {kdir}) failed to import: {type(exc).__name__}: {exc}"
-    import mmfast
-
-    mmfast.triton = mod
-    return None
+    return None  # the attribute mmfast.triton comes from the package's __getattr__
 
 
 def triton_modules_status() -> dict[str, str | None]:

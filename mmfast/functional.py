@@ -9,10 +9,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from mmfast.ops.registry import BACKENDS
+from mmfast.reference.tome import effective_r, parse_r, proportional_attention_bias  # noqa: F401 - public here
 
 __all__ = ["clip_loss", "siglip_loss", "window_attention", "bipartite_soft_matching", "merge_wavg", "merge_source",
-           "proportional_attention",
-           "window_partition", "window_unpartition"]
+           "proportional_attention", "fused_proportional_attention", "proportional_attention_bias", "effective_r",
+           "parse_r", "linear", "window_partition", "window_unpartition"]
 
 SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 EXCHANGES = ("auto", "gather", "ring")
@@ -296,3 +297,28 @@ def proportional_attention(qkv: Tensor, log_size: Tensor | None, num_heads: int,
     from mmfast.ops.tome import proportional_attention as _pa
 
     return _pa(qkv, log_size, num_heads, scale=scale, impl=None if impl == "auto" else impl)
+
+
+def fused_proportional_attention(qkv: Tensor, log_size: Tensor | None, num_heads: int, scale: float
+                                 ) -> Tensor | None:
+    """:func:`proportional_attention` when a fused kernel takes these inputs (today: CPU, no gradient
+    needed, the C++ kernel built, not forced to the reference), else ``None``: the caller runs its
+    own attention (the ToMe patches keep SDPA with an additive mask, which is faster than the
+    explicit differentiable path)."""
+    from mmfast.ops.tome import fused_attention_or_none
+
+    return fused_attention_or_none(qkv, log_size, num_heads, scale)
+
+
+# ------------------------------------------------------------------------------------------------
+# linear layers
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, gelu: bool = False) -> Tensor:
+    """``F.linear(x, weight, bias)``, then the exact (erf) GELU with ``gelu=True``. On CPU float32
+    inference one oneDNN GEMM with the bias (and GELU) in its epilogue (:mod:`mmfast.ops.linear`);
+    everywhere else, and under ``use_backend("reference", ops=["fused_linear"])``, exactly
+    ``F.linear`` (+ ``F.gelu``)."""
+    from mmfast.ops.linear import linear_wb
+
+    return linear_wb(x, weight, bias, gelu)

@@ -1,4 +1,5 @@
-"""mmfast.ops.linear: oneDNN fused bias/GELU linears used by the ToMe blocks on CPU inference.
+"""mmfast.ops.linear (mmfast.functional.linear; the patches' module form): oneDNN fused bias/GELU
+linears used by the ToMe blocks on CPU inference.
 
 Accuracy: the fused GEMM sums in a different order than the default BLAS, so results are compared
 with STYLE.md's rule (within 2x plain PyTorch's fp32 error against float64); every fallback
@@ -14,6 +15,8 @@ from torch import nn
 
 import mmfast
 from mmfast.ops import linear as L
+from mmfast.patch.tome_core import linear
+from mmfast.patch.tome_timm import plain_gelu_mlp
 from mmfast.testing import assert_accuracy
 
 needs_onednn = pytest.mark.skipif(not L.onednn_available(), reason="oneDNN's _linear_pointwise is not usable here")
@@ -48,7 +51,7 @@ def test_fused_linear_accuracy(spy, shape, gelu, bias):
     layer = nn.Linear(shape[-1], 48, bias=bias)
     x = torch.randn(shape)
     with torch.no_grad():
-        got = L.linear(x, layer, gelu=gelu)
+        got = linear(x, layer, gelu=gelu)
         low = F.linear(x, layer.weight, layer.bias)
         high = F.linear(x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double())
         if gelu:
@@ -64,15 +67,15 @@ def test_fallbacks_are_exactly_f_linear(spy):
     x = torch.randn(2, 5, 16)
     want = F.gelu(F.linear(x, layer.weight, layer.bias))
     # gradients wanted (the parameters require grad): plain F.linear, and gradients flow
-    got = L.linear(x, layer, gelu=True)
+    got = linear(x, layer, gelu=True)
     assert torch.equal(got, want) and got.requires_grad
     got.sum().backward()
     assert layer.weight.grad is not None
     with torch.no_grad():
         with mmfast.use_backend("reference", ops=["fused_linear"]):
-            assert torch.equal(L.linear(x, layer, gelu=True), want)
+            assert torch.equal(linear(x, layer, gelu=True), want)
         with mmfast.use_backend("reference"):
-            assert torch.equal(L.linear(x, layer), F.linear(x, layer.weight, layer.bias))
+            assert torch.equal(linear(x, layer), F.linear(x, layer.weight, layer.bias))
         h = x.half()
         assert torch.equal(L.linear_wb(h, layer.weight.half(), layer.bias.half()),
                            F.linear(h, layer.weight.half(), layer.bias.half()))
@@ -92,18 +95,28 @@ def test_hooks_and_subclasses_are_respected():
     hooked.register_forward_hook(lambda m, i, o: seen.append(o.shape))
     x = torch.randn(3, 8)
     with torch.no_grad():
-        assert torch.equal(L.linear(x, sub), sub(x))
-        L.linear(x, hooked)
+        assert torch.equal(linear(x, sub), sub(x))
+        linear(x, hooked)
     assert seen == [torch.Size([3, 8])], "a hooked Linear runs its own forward (hooks fire)"
 
 
 def test_plain_gelu_mlp():
     from timm.layers import Mlp
 
-    assert L.plain_gelu_mlp(Mlp(8, 16).eval())
-    assert L.plain_gelu_mlp(Mlp(8, 16, drop=0.1).eval()), "dropout is inactive in eval"
-    assert not L.plain_gelu_mlp(Mlp(8, 16, drop=0.1).train())
-    assert not L.plain_gelu_mlp(Mlp(8, 16, act_layer=lambda: nn.GELU(approximate="tanh")))
-    assert not L.plain_gelu_mlp(Mlp(8, 16, act_layer=nn.ReLU))
-    assert not L.plain_gelu_mlp(Mlp(8, 16, norm_layer=nn.LayerNorm))
-    assert not L.plain_gelu_mlp(nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)))
+    assert plain_gelu_mlp(Mlp(8, 16).eval())
+    assert plain_gelu_mlp(Mlp(8, 16, drop=0.1).eval()), "dropout is inactive in eval"
+    assert not plain_gelu_mlp(Mlp(8, 16, drop=0.1).train())
+    assert not plain_gelu_mlp(Mlp(8, 16, act_layer=lambda: nn.GELU(approximate="tanh")))
+    assert not plain_gelu_mlp(Mlp(8, 16, act_layer=nn.ReLU))
+    assert not plain_gelu_mlp(Mlp(8, 16, norm_layer=nn.LayerNorm))
+    assert not plain_gelu_mlp(nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)))
+
+
+def test_functional_linear_is_the_fused_linear(spy):
+    torch.manual_seed(0)
+    w, b, x = torch.randn(12, 8), torch.randn(12), torch.randn(4, 8)
+    with torch.no_grad():
+        got = mmfast.functional.linear(x, w, b, gelu=True)
+    assert spy == [True] or not L.onednn_available()
+    assert_accuracy(got, F.gelu(F.linear(x, w, b)), F.gelu(F.linear(x.double(), w.double(), b.double())),
+                    name="functional.linear")

@@ -54,6 +54,8 @@ def _dev(impl: str) -> str:
 def _match(impl: str, metric, r, ct=False, dt=False):
     if impl == "cpp":
         return torch.ops.mmfast.tome_match(metric, r, ct, dt)
+    # The Triton launcher takes the effective count (the op layer clamps it, as the C++ op does itself).
+    r = ref.effective_r(metric.shape[1], r, ct, dt)
     return tk.tome_match(metric, r, class_token=ct, distill_token=dt)
 
 
@@ -613,3 +615,19 @@ def test_cpp_tome_attention_opcheck():
     for args in [(qkv, ls, 2, 0.3), (qkv, None, 2, 0.3)]:
         torch.library.opcheck(torch.ops.mmfast.tome_attention.default, args,
                               test_utils=("test_schema", "test_faketensor"))
+
+
+@needs_triton
+def test_triton_match_takes_only_an_effective_r():
+    # The kernel layer does not clamp: a count the matching cannot make is an error, not a wrong answer.
+    metric = torch.randn(2, 9, 8, device=TRITON_DEVICE)
+    with pytest.raises(ValueError, match="effective_r"):
+        tk.tome_match(metric, 5)
+    with pytest.raises(ValueError, match="effective_r"):
+        tk.tome_match(torch.randn(1, 3, 8, device=TRITON_DEVICE), 1, distill_token=True)
+    assert tk.tome_match(metric, ref.effective_r(9, 5))[1].shape == (2, 4)
+
+
+def test_kernel_merge_modes_are_the_reference_modes():
+    assert tk is not None, "mmfast.triton.tome must import in the test environment"
+    assert tk.MERGE_MODES == ref.MERGE_MODES

@@ -1,13 +1,14 @@
-"""Linear layers with a fused epilogue for CPU inference (used inside the ToMe-patched blocks).
+"""Linear layers with a fused epilogue for CPU inference (``mmfast.functional.linear``; the ToMe
+patches' merging blocks run their linears through it).
 
-On CPU, in float32, when no gradient is needed, ``linear(x, layer, gelu=...)`` runs oneDNN's
+On CPU, in float32, when no gradient is needed, ``linear_wb(x, weight, bias, gelu=...)`` runs oneDNN's
 matmul with the bias (and the exact-erf GELU of ``fc1 -> GELU``) applied in the GEMM's epilogue
 (``torch.ops.mkldnn._linear_pointwise``, the op torch.compile's CPU backend emits for the same
 pattern). Against ``F.linear`` + ``F.gelu`` that removes the bias broadcast copy and the separate
 GELU pass, and oneDNN's sgemm is faster than the default BLAS at the small, shrinking token counts
 of a merged ViT (measured on this project's CPU machine: ``python -m mmfast.bench tome``).
-Everywhere else (training, CUDA, other dtypes, a Linear subclass or a Linear with hooks, a torch
-build without the op) it is exactly ``F.linear`` (+ ``F.gelu``), and so it is under
+Everywhere else (training, CUDA, other dtypes, a torch build without the op) it is exactly
+``F.linear`` (+ ``F.gelu``), and so it is under
 ``mmfast.use_backend("reference")`` (or ``use_backend("reference", ops=["fused_linear"])``).
 
 The results differ from ``F.linear``'s by rounding only (a different GEMM summation order: a few
@@ -18,11 +19,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from mmfast.ops import registry
 
-__all__ = ["linear", "linear_wb", "onednn_available", "plain_gelu_mlp"]
+__all__ = ["linear_wb", "onednn_available"]
 
 _PROBE: dict[str, bool] = {}
 
@@ -67,29 +68,3 @@ def linear_wb(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool = False
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     y = F.linear(x, weight, bias)
     return F.gelu(y) if gelu else y
-
-
-def linear(x: Tensor, layer: nn.Module, gelu: bool = False) -> Tensor:
-    """``layer(x)`` (then exact GELU if ``gelu``); an exact ``nn.Linear`` (or a ``Linear`` subclass that
-    only renames it, like MultiheadAttention's ``out_proj``) with no hooks goes through :func:`linear_wb`."""
-    if type(layer) in _PLAIN_LINEARS and not layer._forward_hooks and not layer._forward_pre_hooks:
-        return linear_wb(x, layer.weight, layer.bias, gelu)
-    y = layer(x)
-    return F.gelu(y) if gelu else y
-
-
-_PLAIN_LINEARS = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
-
-
-def plain_gelu_mlp(mlp: nn.Module) -> bool:
-    """A timm ``Mlp`` that is exactly fc1 -> exact GELU -> fc2 with no norm and no active dropout."""
-    try:
-        from timm.layers import Mlp
-    except ImportError:  # pragma: no cover - timm is a dependency of the patches that call this
-        return False
-    act = getattr(mlp, "act", None)
-    drops = [getattr(mlp, n, None) for n in ("drop1", "drop2")]
-    return (type(mlp) is Mlp and type(act) is nn.GELU and act.approximate == "none"
-            and isinstance(getattr(mlp, "norm", None), nn.Identity)
-            and all(d is None or not mlp.training or d.p == 0 for d in drops)
-            and not mlp._forward_hooks and not mlp._forward_pre_hooks)

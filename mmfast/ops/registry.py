@@ -161,7 +161,6 @@ def get(name: str) -> OpSpec:
 
 
 def all_ops() -> list[OpSpec]:
-    # Importing the op modules registers them.
-    from mmfast.ops import contrastive, tome, window_attention  # noqa: F401
-
+    """Every registered op. This module is only ever loaded through the ``mmfast.ops`` package,
+    whose ``__init__`` imports (and so registers) every op module first."""
     return [_OPS[k] for k in sorted(_OPS)]

@@ -11,12 +11,12 @@ import torch
 from torch import Tensor, nn
 
 from mmfast import functional as MF
+from mmfast.functional import effective_r, parse_r, proportional_attention_bias
 from mmfast.patch import classes
-from mmfast.reference.tome import effective_r, parse_r, proportional_attention_bias
 
 __all__ = ["ToMeState", "RSpec", "parse_r", "effective_r", "is_patched", "merge_tokens", "num_mergeable",
            "attention_bias", "weighted_mean", "ToMePatched", "ToMeModelMixin", "original_class",
-           "restore_class"]
+           "restore_class", "linear"]
 
 RSpec = int | Sequence[int] | tuple[int, float]
 
@@ -104,6 +104,19 @@ def attention_bias(size: Tensor | None, prop_attn: bool, dtype: torch.dtype) -> 
     if size is None or not prop_attn:
         return None
     return proportional_attention_bias(size).to(dtype)
+
+
+_PLAIN_LINEARS = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
+
+
+def linear(x: Tensor, layer: nn.Module, gelu: bool = False) -> Tensor:
+    """``layer(x)`` (then exact GELU if ``gelu``). An exact ``nn.Linear`` (or a ``Linear`` subclass that
+    only renames it, like MultiheadAttention's ``out_proj``) with no hooks runs as
+    :func:`mmfast.functional.linear` of its weights (oneDNN's fused epilogue on CPU inference)."""
+    if type(layer) in _PLAIN_LINEARS and not layer._forward_hooks and not layer._forward_pre_hooks:
+        return MF.linear(x, layer.weight, layer.bias, gelu=gelu)
+    y = layer(x)
+    return torch.nn.functional.gelu(y) if gelu else y
 
 
 def weighted_mean(x: Tensor, size: Tensor) -> Tensor:

@@ -20,11 +20,9 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from mmfast.ops import linear as L
-from mmfast.ops import tome as MT
+from mmfast import functional as MF
 from mmfast.patch import tome_core as T
 from mmfast.patch.classes import swap_class
-from mmfast.reference.tome import parse_r
 
 __all__ = ["apply", "tome_mha", "fused_mlp"]
 
@@ -36,17 +34,17 @@ def tome_mha(mha: nn.MultiheadAttention, x: Tensor, size: Tensor | None, prop_at
     """Batch-first self-attention with ``mha``'s weights: ``(output [B, N, C], metric [B, N, head_dim])``."""
     b, n, c = x.shape
     heads = mha.num_heads
-    qkv_flat = L.linear_wb(x, mha.in_proj_weight, mha.in_proj_bias)
+    qkv_flat = MF.linear(x, mha.in_proj_weight, mha.in_proj_bias)
     bias = T.attention_bias(size, prop_attn, qkv_flat.dtype)
     if not (mha.training and mha.dropout > 0):
-        out = MT.fused_attention_or_none(qkv_flat, None if bias is None else bias.reshape(b, n), heads,
+        out = MF.fused_proportional_attention(qkv_flat, None if bias is None else bias.reshape(b, n), heads,
                                          (c // heads) ** -0.5)
         if out is not None:
             metric = qkv_flat.view(b, n, 3, heads, -1)[:, :, 1].mean(dim=2)
-            return L.linear(out, mha.out_proj), metric
+            return T.linear(out, mha.out_proj), metric
     q, k, v = qkv_flat.reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=mha.dropout if mha.training else 0.0)
-    out = L.linear(out.transpose(1, 2).reshape(b, n, c), mha.out_proj)
+    out = T.linear(out.transpose(1, 2).reshape(b, n, c), mha.out_proj)
     return out, k.mean(dim=1)
 
 
@@ -55,7 +53,7 @@ def fused_mlp(mlp: nn.Module, x: Tensor) -> Tensor:
     names = list(getattr(mlp, "_modules", {}))
     if (type(mlp) is nn.Sequential and names == ["c_fc", "gelu", "c_proj"] and type(mlp.gelu) is nn.GELU
             and mlp.gelu.approximate == "none" and not mlp._forward_hooks and not mlp._forward_pre_hooks):
-        return L.linear(L.linear(x, mlp.c_fc, gelu=True), mlp.c_proj)
+        return T.linear(T.linear(x, mlp.c_fc, gelu=True), mlp.c_proj)
     return mlp(x)
 
 
@@ -217,7 +215,7 @@ def apply(model: nn.Module, r: T.RSpec = 0, prop_attn: bool = True, trace_source
     visual = model.visual if is_clip else model
     _check_visual(visual)
     blocks = visual.transformer.resblocks
-    parse_r(len(blocks), r)  # validate before touching the model
+    T.parse_r(len(blocks), r)  # validate before touching the model
     for blk in blocks:
         swap_class(blk, ToMeResidualAttentionBlockMixin)
         if "_tome_r" not in blk.__dict__:

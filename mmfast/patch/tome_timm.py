@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention
+from timm.layers import Attention, Mlp
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from mmfast.ops import linear as L
-from mmfast.ops import tome as MT
+from mmfast import functional as MF
 from mmfast.patch import tome_core as T
 from mmfast.patch.classes import swap_class
-from mmfast.reference.tome import parse_r
 
-__all__ = ["apply", "tome_attention", "fused_mlp", "SIZE_AWARE_POOLS"]
+__all__ = ["apply", "tome_attention", "fused_mlp", "plain_gelu_mlp", "SIZE_AWARE_POOLS"]
 
 #: ``global_pool`` values that have an exact form with merged tokens.
 SIZE_AWARE_POOLS = ("", "token", "avg")
@@ -39,14 +37,14 @@ def tome_attention(attn: Attention, x: Tensor, size: Tensor | None, prop_attn: b
     """
     b, n, _ = x.shape
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv_flat = L.linear(x, attn.qkv)
+    qkv_flat = T.linear(x, attn.qkv)
     bias = T.attention_bias(size, prop_attn, qkv_flat.dtype)
     if _plain_attention(attn):
-        out = MT.fused_attention_or_none(qkv_flat, None if bias is None else bias.reshape(b, n), attn.num_heads,
+        out = MF.fused_proportional_attention(qkv_flat, None if bias is None else bias.reshape(b, n), attn.num_heads,
                                          attn.scale)
         if out is not None:
             metric = qkv_flat.view(b, n, 3, attn.num_heads, -1)[:, :, 1].mean(dim=2)
-            return attn.proj_drop(L.linear(out, attn.proj)), metric
+            return attn.proj_drop(T.linear(out, attn.proj)), metric
     qkv = qkv_flat.reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
@@ -62,15 +60,25 @@ def tome_attention(attn: Attention, x: Tensor, size: Tensor | None, prop_attn: b
     out = attn.norm(out) if hasattr(attn, "norm") else out
     if gate is not None:
         out = out * gate
-    out = attn.proj_drop(L.linear(out, attn.proj))
+    out = attn.proj_drop(T.linear(out, attn.proj))
     return out, k.mean(dim=1)
 
 
 def fused_mlp(mlp: nn.Module, x: Tensor) -> Tensor:
-    """The block's MLP; fc1 + GELU fused by oneDNN on CPU inference (:mod:`mmfast.ops.linear`)."""
-    if L.plain_gelu_mlp(mlp):
-        return L.linear(L.linear(x, mlp.fc1, gelu=True), mlp.fc2)
+    """The block's MLP; fc1 + GELU fused by oneDNN on CPU inference (:func:`mmfast.functional.linear`)."""
+    if plain_gelu_mlp(mlp):
+        return T.linear(T.linear(x, mlp.fc1, gelu=True), mlp.fc2)
     return mlp(x)
+
+
+def plain_gelu_mlp(mlp: nn.Module) -> bool:
+    """A timm ``Mlp`` that is exactly fc1 -> exact GELU -> fc2 with no norm and no active dropout."""
+    act = getattr(mlp, "act", None)
+    drops = [getattr(mlp, n, None) for n in ("drop1", "drop2")]
+    return (type(mlp) is Mlp and type(act) is nn.GELU and act.approximate == "none"
+            and isinstance(getattr(mlp, "norm", None), nn.Identity)
+            and all(d is None or not mlp.training or d.p == 0 for d in drops)
+            and not mlp._forward_hooks and not mlp._forward_pre_hooks)
 
 
 def _plain_attention(attn: Attention) -> bool:
@@ -216,7 +224,7 @@ def apply(model: VisionTransformer, r: T.RSpec = 0, prop_attn: bool = True,
         if type(blk.attn) is not Attention:
             raise TypeError(f"ToMe: block {i} has attention {_describe(blk.attn)}; only timm.layers.Attention "
                             "(exactly) can be patched")
-    parse_r(len(blocks), r)  # validate before touching the model
+    T.parse_r(len(blocks), r)  # validate before touching the model
     for blk in blocks:
         swap_class(blk, ToMeBlockMixin)
         if "_tome_r" not in blk.__dict__:

@@ -112,14 +112,14 @@ def _attention_reference() -> Iterator[None]:
 
 
 class _FusedLinear(torch.nn.Module):
-    """Control provider: an unmerged block's linear through :func:`mmfast.ops.linear.linear`."""
+    """Control provider: an unmerged block's linear as the merging blocks run it (oneDNN epilogue)."""
 
     def __init__(self, inner: torch.nn.Linear):
         super().__init__()
         self.inner = inner
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from mmfast.ops.linear import linear
+        from mmfast.patch.tome_core import linear
 
         return linear(x, self.inner)
 

@@ -11,7 +11,10 @@ import ast
 import os
 from collections import defaultdict
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAX_LINES = 600
 
 
 def _modules() -> dict[str, str]:
@@ -183,3 +186,10 @@ def test_patch_layer_talks_to_functional_and_nn_only():
         if target is not None and target.startswith(("mmfast.ops", "mmfast.triton", "mmfast.reference", "mmfast._ext"))
     ]
     assert not skips, "\n".join(skips)
+
+
+@pytest.mark.parametrize("mod", sorted(m for m in MODULES if not m.startswith("mmfast.triton")))
+def test_no_python_file_over_600_lines(mod):
+    with open(MODULES[mod]) as f:
+        n = sum(1 for _ in f)
+    assert n <= MAX_LINES, f"{os.path.relpath(MODULES[mod], ROOT)} has {n} lines; split it along its seams"

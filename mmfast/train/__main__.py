@@ -68,9 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     0 done, 1 diverged (NaN/inf), 2 bad option or data, 128 + signal when interrupted."""
     import torch.distributed as dist
 
+    from mmfast.train.compare import compare
     from mmfast.train.config import ConfigError, parse_args, validate
     from mmfast.train.data import DataError
-    from mmfast.train.trainer import Diverged, Interrupted, compare, init_distributed, train, world_from_env
+    from mmfast.train.distenv import init_distributed, world_from_env
+    from mmfast.train.trainer import Diverged, Interrupted, train
 
     rank = 0
     env = None

@@ -11,7 +11,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +21,13 @@ import torch.distributed as dist
 from mmfast.train import checkpoint as ckpt_io
 from mmfast.train.config import RESUME_MUTABLE, ConfigError, TrainConfig, validate
 from mmfast.train.data import EpochSampler, ShapesDataset, load_path, split_train_val
+from mmfast.train.distenv import DistEnv, init_distributed, pick_threads
 from mmfast.train.evaluate import encode_dataset, format_retrieval, retrieval_metrics
 from mmfast.train.model import FUSED_OPS, REFERENCE_OPS, build_model, fused_ops_status
 from mmfast.train.progress import ProgressBar, format_duration
 from mmfast.train.tokenizer import Tokenizer
 
-__all__ = ["Diverged", "Interrupted", "compare", "train"]
+__all__ = ["Diverged", "Interrupted", "train"]
 
 
 class Diverged(RuntimeError):
@@ -39,90 +40,6 @@ class Interrupted(RuntimeError):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.signum = signum
-
-
-# ----------------------------------------------------------------------------------------------------
-# processes, devices, threads
-
-
-@dataclass
-class DistEnv:
-    """This process's place in the job (from torchrun's environment variables)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    local_world_size: int = 1
-    device: torch.device = torch.device("cpu")
-    owns_group: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0: the process that evaluates, logs and writes files."""
-        return self.rank == 0
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise ConfigError(f"environment variable {name}={value!r} is not an integer") from None
-
-
-def world_from_env() -> tuple[int, int, int, int]:
-    """``(rank, world_size, local_rank, local_world_size)`` as torchrun sets them (1 process otherwise)."""
-    world = _env_int("WORLD_SIZE", 1)
-    rank = _env_int("RANK", 0)
-    local_rank = _env_int("LOCAL_RANK", 0)
-    local_world = _env_int("LOCAL_WORLD_SIZE", world)
-    if world < 1 or not 0 <= rank < world:
-        raise ConfigError(f"bad torchrun environment: RANK={rank}, WORLD_SIZE={world}")
-    return rank, world, local_rank, local_world
-
-
-def pick_device(cfg: TrainConfig, local_rank: int) -> torch.device:
-    """``--device``: auto = CUDA (this process's LOCAL_RANK GPU) when available, else CPU."""
-    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError(f"--device {cfg.device}: no CUDA GPU is available")
-    if cfg.device.startswith("cuda:"):
-        return torch.device(cfg.device)
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
-
-
-def init_distributed(cfg: TrainConfig) -> DistEnv:
-    """Join the process group (gloo on CPU, NCCL on GPU) when launched by torchrun with several processes."""
-    rank, world, local_rank, local_world = world_from_env()
-    device = pick_device(cfg, local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    owns = False
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                timeout=timedelta(minutes=10))
-        owns = True
-    return DistEnv(rank, world, local_rank, local_world, device, owns)
-
-
-def pick_threads(cfg: TrainConfig, env: DistEnv) -> int:
-    """``--threads``, or: the cores of this node divided among its processes, and only 1 when the
-    machine is already saturated (OpenMP threads that wait for a busy core slow every op down)."""
-    if cfg.threads > 0:
-        return cfg.threads
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    share = max(1, cores // max(1, env.local_world_size))
-    try:
-        idle = cores - os.getloadavg()[0]
-    except OSError:
-        idle = cores
-    return max(1, min(share, int(idle + 0.5)))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -628,77 +545,3 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------------------
-# side by side
-
-
-def compare(cfg: TrainConfig, env: DistEnv | None = None) -> dict:
-    """``--compare N``: N training steps of mmfast, then of the baseline, from the same initial weights
-    and data; prints a table of throughput, peak step memory and losses, writes ``compare.json``."""
-    env = env or init_distributed(cfg)
-    validate(cfg, env.world_size)
-    cfg.resume = None
-    if cfg.out is None:
-        cfg.out = default_out("compare-")
-    cfg.steps = cfg.compare
-    cfg.warmup = None if cfg.warmup is None else min(cfg.warmup, cfg.steps)
-    cfg, _, train_ds, val_ds, tokenizer = prepare(cfg, set(), env)
-    torch.set_num_threads(pick_threads(cfg, env))
-    say = print if env.is_main else (lambda *a, **k: None)
-    old_det = torch.are_deterministic_algorithms_enabled()
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    results = {}
-    try:
-        for name, baseline in (("mmfast", False), ("baseline", True)):
-            run = build_run(cfg, env, train_ds, val_ds, tokenizer, baseline)
-            bar = ProgressBar(cfg.steps, mode=cfg.progress if env.is_main else "none")
-            times, losses = [], []
-            for step in range(cfg.steps):
-                t0 = time.perf_counter()
-                images, tokens = load_batch(run, step)
-                loss = compute_loss(run, images, tokens)
-                mean_loss, _ = reduce_stats(run, loss, False)
-                optimizer_step(run, loss)
-                if env.device.type == "cuda":
-                    torch.cuda.synchronize(env.device)
-                times.append(time.perf_counter() - t0)
-                losses.append(mean_loss)
-                bar.update(step + 1, mean_loss, cfg.batch_size / times[-1], None, force=False)
-            bar.close()
-            timed = times[1:] or times
-            med = float(np.median(timed))
-            results[name] = {"samples_per_s": cfg.batch_size * len(timed) / sum(timed), "median_step_ms": 1e3 * med,
-                             "losses": losses, **(measure_step_memory(run) if cfg.memory else {})}
-            del run
-    finally:
-        torch.use_deterministic_algorithms(old_det)
-    a, b = results["mmfast"], results["baseline"]
-    diff = max(abs(x - y) for x, y in zip(a["losses"], b["losses"]))
-    out = {"steps": cfg.steps, "world_size": env.world_size, "threads": torch.get_num_threads(),
-           "ops": fused_ops_status(), "config": cfg.to_dict(), "mmfast": a, "baseline": b,
-           "max_abs_loss_diff": diff}
-    if env.is_main:
-        Path(cfg.out).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.out) / "compare.json").write_text(json.dumps(out, indent=1) + "\n")
-        say(format_compare(out))
-        say(f"wrote {Path(cfg.out) / 'compare.json'}")
-    return out
-
-
-def format_compare(out: dict) -> str:
-    """The ratio table of :func:`compare`."""
-    a, b = out["mmfast"], out["baseline"]
-    rows = [("samples/s", a["samples_per_s"], b["samples_per_s"], "{:.1f}"),
-            ("median step (ms)", a["median_step_ms"], b["median_step_ms"], "{:.1f}")]
-    if a.get("peak_step_memory_mb") is not None and b.get("peak_step_memory_mb") is not None:
-        rows.append(("peak step memory (MiB)", a["peak_step_memory_mb"], b["peak_step_memory_mb"], "{:.1f}"))
-    rows.append(("final loss", a["losses"][-1], b["losses"][-1], "{:.5f}"))
-    lines = [f"{out['steps']} steps, {out['world_size']} process(es) x {out['threads']} thread(s); "
-             f"mmfast ops: " + ", ".join(f"{k} -> {v}" for k, v in out["ops"].items()),
-             f"{'':24s}{'mmfast':>12s}{'baseline':>12s}{'mmfast/baseline':>18s}"]
-    for label, x, y, fmt in rows:
-        ratio = x / y if y else float("nan")
-        lines.append(f"{label:24s}{fmt.format(x):>12s}{fmt.format(y):>12s}{ratio:>17.2f}x")
-    lines.append(f"max |loss difference| over the steps: {out['max_abs_loss_diff']:.2e}")
-    return "\n".join(lines)

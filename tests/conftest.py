@@ -51,6 +51,16 @@ def _seed():
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny shapes (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    threads on shared CI cores only oversubscribe them (one module: 6 s with one thread, 40 s without)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def at_most_two_threads():
     """Small shapes on shared CI cores: at most two intra-op threads while the test runs."""

@@ -11,6 +11,8 @@ import mmfast
 from mmfast import _ext
 from mmfast.testing import assert_accuracy
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes: see conftest
+
 
 # open_clip is the baseline of the drop-in tests, imported where they need it: the kernel tests here
 # also run where open_clip is not installed (the GPU machine's stack)
@@ -24,13 +26,6 @@ def OCSigLipLoss(*args, **kwargs):  # noqa: N802 - stands in for the class
 needs_cpp = pytest.mark.skipif(not _ext.has_cpp(), reason="C++ extension not built")
 CPU_IMPLS = ["reference"] + (["cpp"] if _ext.has_cpp() else [])
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _inputs(b, d, dtype=torch.float64, scale=14.3, bias=-2.0, seed=0):

@@ -39,13 +39,7 @@ ocl = pytest.importorskip("open_clip.loss", reason="the references are checked a
 F64_TOL = 1e-10  # relative to max(1, |reference|): float64 results agree to ~1e-14 in practice
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """These tensors are tiny: intra-op threads only add synchronisation cost (100x on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes: see conftest
 
 
 # ------------------------------------------------------------------------------------------- helpers

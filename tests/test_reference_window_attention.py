@@ -37,14 +37,8 @@ CAUGHT = 1e-7  # a perturbed op must miss F64_TOL by orders of magnitude
 
 Op = Callable[..., Tensor]
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes: see conftest
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These shapes are tiny: one thread avoids oversubscription on shared CI cores (6 s instead of 40 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------------------------

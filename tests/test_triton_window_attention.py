@@ -20,7 +20,8 @@ from mmfast.reference.window_attention import window_attention
 from mmfast.testing import assert_accuracy
 
 _OK, _HOW = triton_status()
-pytestmark = pytest.mark.skipif(not _OK, reason=f"Triton cannot run here: {_HOW}")
+pytestmark = [pytest.mark.skipif(not _OK, reason=f"Triton cannot run here: {_HOW}"),
+              pytest.mark.usefixtures("one_thread")]
 
 if _OK:
     from mmfast.triton import window_attention as wa
@@ -29,13 +30,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F32_TOL = 2e-5  # max error relative to the reference's max magnitude (observed: <= ~3e-6)
 GRAD_NAMES = ("dq", "dk", "dv", "d_rel_pos_bias", "d_logit_scale", "d_pad_value")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------------------------

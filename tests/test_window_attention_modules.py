@@ -19,13 +19,8 @@ from mmfast.patch import timm as mpatch  # noqa: E402
 
 IMPLS = ["reference"] + (["cpp"] if _ext.has_cpp() and hasattr(torch.ops.mmfast, "window_attention_fwd") else [])
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes: see conftest
 
-@pytest.fixture(autouse=True, scope="module")
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _no_fused(model):

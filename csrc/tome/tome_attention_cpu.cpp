@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "../common/small_gemm.h"
+#include "../common/softmax_row.h"
 
 namespace mmfast {
 namespace {
@@ -38,26 +39,6 @@ namespace {
 using at::Tensor;
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
-// Softmax of row[0:ld] in place; columns >= n hold -inf (exp gives 0). Returns nothing: row holds P.
-template <typename T>
-inline void softmax_row(T* row, int64_t ld) {
-  using Vec = at::vec::Vectorized<T>;
-  constexpr int64_t kW = Vec::size();
-  Vec vmax(-std::numeric_limits<T>::infinity());
-  for (int64_t j = 0; j < ld; j += kW) vmax = at::vec::maximum(vmax, Vec::loadu(row + j));
-  const T m = at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
-  const Vec mv(m);
-  Vec vsum(T(0));
-  for (int64_t j = 0; j < ld; j += kW) {
-    const Vec e = (Vec::loadu(row + j) - mv).exp();
-    e.store(row + j);
-    vsum = vsum + e;
-  }
-  const T s = at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, vsum);
-  const Vec inv(T(1) / s);
-  for (int64_t j = 0; j < ld; j += kW) (Vec::loadu(row + j) * inv).store(row + j);
-}
 
 template <typename S, typename T>
 void tome_attention_kernel(const Tensor& qkv, const Tensor& log_size, int64_t H, double scale, Tensor& out) {
@@ -107,7 +88,7 @@ void tome_attention_kernel(const Tensor& qkv, const Tensor& log_size, int64_t H,
       for (int64_t i = 0; i < N; ++i) {
         T* row = lg + i * ldN;
         for (int64_t j = 0; j < ldN; j += kW) (Vec::loadu(row + j) + Vec::loadu(brow + j)).store(row + j);
-        softmax_row<T>(row, ldN);
+        cpu::softmax_row<T>(row, ldN);
       }
       cpu::small_gemm<T>(N, D, N, lg, ldN, 1, vp, ldD, ob, ldD);
       S* o = obase + b * N * C + h * D;

@@ -1,4 +1,4 @@
-// CPU kernels of fused (shifted-)window attention and of the window partition copies.
+// CPU kernels of fused (shifted-)window attention (window_process, the partition copies, is in window_process_cpu.cpp).
 //
 // Semantics are those of mmfast.reference.window_attention (timm 1.0.31 Swin v1/v2): roll by -shift,
 // pad bottom/right to multiples of the window (padded tokens carry pad_value, the qkv bias, and are
@@ -28,6 +28,9 @@
 #include <torch/library.h>
 
 #include "../common/small_gemm.h"
+#include "../common/softmax_row.h"
+#include "window_checks.h"
+#include "window_geometry.h"
 
 #include <algorithm>
 #include <cmath>
@@ -48,49 +51,24 @@ constexpr int64_t kMaxChunks = 64;  // fixed split of the backward's task range 
 constexpr int64_t kFoldEvery = 8;   // windows summed in the compute type before a bias-table fold (float64)
 constexpr double kNormEps = 1e-12;  // F.normalize's eps (Swin v2 cosine attention)
 
-int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
-// ---------------------------------------------------------------------------------------------
-// argument checks
-
-std::pair<int64_t, int64_t> check_pair(IntArrayRef v, const char* op, const char* name) {
-  TORCH_CHECK(v.size() == 2, "mmfast ", op, ": ", name, " must have 2 entries (h, w), got ", v);
-  return {v[0], v[1]};
-}
-
-void check_window_shift(IntArrayRef window_size, IntArrayRef shift_size, const char* op) {
-  auto [wh, ww] = check_pair(window_size, op, "window_size");
-  auto [sh, sw] = check_pair(shift_size, op, "shift_size");
-  TORCH_CHECK(wh >= 1 && ww >= 1, "mmfast ", op, ": window_size must be >= 1 on both axes, got ", window_size);
-  TORCH_CHECK(sh >= 0 && sh < wh && sw >= 0 && sw < ww, "mmfast ", op,
-              ": shift_size must satisfy 0 <= shift < window_size on both axes, got shift_size ", shift_size,
-              " for window_size ", window_size);
-}
-
 // ---------------------------------------------------------------------------------------------
 // geometry: padded grid position -> source position, and shift-mask regions
 
-struct Geometry {
-  int64_t B = 0, H = 0, W = 0;
-  int64_t wh = 1, ww = 1, sh = 0, sw = 0;
-  int64_t Hp = 0, Wp = 0, nwh = 0, nww = 0, nW = 0, N = 0;
+// The window grid (window_geometry.h) of one call, with the batch and the per-row / per-column maps
+// precomputed for the attention kernels' token gathers.
+struct Geometry : WindowGrid {
+  int64_t B = 0;
   bool masked = false;
   std::vector<int64_t> row_src, col_src;  // per padded-grid row / column: source row / column, -1 = padding
   std::vector<int64_t> row_reg, col_reg;  // per padded-grid row / column: shift region 0, 1 or 2
 };
 
-void axis_map(int64_t L, int64_t w, int64_t s, bool pad_then_roll, bool masked, std::vector<int64_t>& src,
-              std::vector<int64_t>& reg) {
-  const int64_t Lp = round_up(L, w);
+void axis_map(int64_t L, int64_t Lp, int64_t w, int64_t s, bool pad_then_roll, bool masked,
+              std::vector<int64_t>& src, std::vector<int64_t>& reg) {
   src.resize(Lp);
   reg.resize(Lp);
   for (int64_t p = 0; p < Lp; ++p) {
-    if (pad_then_roll) {
-      const int64_t r = (p + s) % Lp;  // roll of the padded map
-      src[p] = r < L ? r : -1;
-    } else {
-      src[p] = p < L ? (p + s) % L : -1;  // roll of the unpadded map, then pad
-    }
+    src[p] = grid_source(p, L, Lp, s, pad_then_roll);
     // timm's region slices [0, Lp-w), [Lp-w, Lp-s), [Lp-s, Lp); one region without a shift on this axis
     reg[p] = (masked && s > 0) ? int64_t(p >= Lp - w) + int64_t(p >= Lp - s) : 0;
   }
@@ -99,22 +77,12 @@ void axis_map(int64_t L, int64_t w, int64_t s, bool pad_then_roll, bool masked, 
 Geometry make_geometry(int64_t B, int64_t H, int64_t W, IntArrayRef window_size, IntArrayRef shift_size,
                        bool pad_then_roll, bool shift_mask) {
   Geometry g;
+  static_cast<WindowGrid&>(g) =
+      make_window_grid(H, W, window_size[0], window_size[1], shift_size[0], shift_size[1], pad_then_roll);
   g.B = B;
-  g.H = H;
-  g.W = W;
-  g.wh = window_size[0];
-  g.ww = window_size[1];
-  g.sh = shift_size[0];
-  g.sw = shift_size[1];
-  g.Hp = round_up(H, g.wh);
-  g.Wp = round_up(W, g.ww);
-  g.nwh = g.Hp / g.wh;
-  g.nww = g.Wp / g.ww;
-  g.nW = g.nwh * g.nww;
-  g.N = g.wh * g.ww;
   g.masked = shift_mask && (g.sh > 0 || g.sw > 0);
-  axis_map(H, g.wh, g.sh, pad_then_roll, g.masked, g.row_src, g.row_reg);
-  axis_map(W, g.ww, g.sw, pad_then_roll, g.masked, g.col_src, g.col_reg);
+  axis_map(H, g.Hp, g.wh, g.sh, pad_then_roll, g.masked, g.row_src, g.row_reg);
+  axis_map(W, g.Wp, g.ww, g.sw, pad_then_roll, g.masked, g.col_src, g.col_reg);
   return g;
 }
 
@@ -360,21 +328,8 @@ void attention_fwd_kernel(const AttnParams& p, const Tensor& q_, const Tensor& k
         T* row = s.Sm.data() + i * ldN;
         const int64_t tok = win.qtok[i];
         finish_logits(row, p.has_bias ? s.bm.data() + tok * ldN : nullptr, win, tok, mask_value, N, ldN);
-        Vec vmax(-std::numeric_limits<T>::infinity());
-        for (int64_t j = 0; j < ldN; j += kW) vmax = at::vec::maximum(vmax, Vec::loadu(row + j));
-        const T mx = at::vec::vec_reduce_all<T>([](Vec& a, Vec& c) { return at::vec::maximum(a, c); }, vmax);
-        const Vec vm(mx);
-        Vec vsum(T(0));
-        for (int64_t j = 0; j < ldN; j += kW) {
-          const Vec e = softmax_exp(Vec::loadu(row + j) - vm);
-          e.store(row + j);
-          vsum = vsum + e;
-        }
-        const T sum = at::vec::vec_reduce_all<T>([](Vec& a, Vec& c) { return a + c; }, vsum);
-        const Vec inv(T(1) / sum);
-        for (int64_t j = 0; j < ldN; j += kW) (Vec::loadu(row + j) * inv).store(row + j);
-        const int64_t sp = win.spatial[tok];
-        lse[(b * g.H * g.W + sp) * heads + h] = mx + std::log(sum);
+        const T row_lse = cpu::softmax_row(row, ldN, ExpFloor<T>::value);
+        lse[(b * g.H * g.W + win.spatial[tok]) * heads + h] = row_lse;
       }
       small_gemm(nq, hd, N, s.Sm.data(), ldN, 1, s.V.data(), ldD, s.O.data(), ldD);
       for (int64_t i = 0; i < nq; ++i) {
@@ -691,120 +646,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> window_attention_bwd_
   return {dq, dk, dv, d_bias_out, d_ls_out, d_pad_out};
 }
 
-// ---------------------------------------------------------------------------------------------
-// window_process / window_process_reverse (CPU)
-
-template <typename S>
-inline void copy_channels(const S* src, int64_t stride, int64_t C, S* dst) {
-  if (stride == 1) {
-    std::memcpy(dst, src, C * sizeof(S));
-  } else {
-    for (int64_t c = 0; c < C; ++c) dst[c] = src[c * stride];
-  }
-}
-
-}  // namespace
-
-// Shared with csrc/window_attention/window_process_cuda.cu (declared there).
-void window_process_check(const Tensor& x, IntArrayRef window_size, IntArrayRef shift_size,
-                          const std::optional<Tensor>& pad_value) {
-  const char* op = "window_process";
-  TORCH_CHECK(x.dim() == 4, "mmfast ", op, ": x must be 4-D [B, H, W, C], got shape ", x.sizes());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "mmfast ", op, ": x must be floating point, got ", x.scalar_type());
-  TORCH_CHECK(x.size(1) >= 1 && x.size(2) >= 1, "mmfast ", op, ": x must have H, W >= 1, got shape ", x.sizes());
-  check_window_shift(window_size, shift_size, op);
-  if (pad_value.has_value()) {
-    const Tensor& t = *pad_value;
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(3), "mmfast ", op, ": pad_value must be [C] = [", x.size(3),
-                "] (x's channels), got ", t.sizes());
-    TORCH_CHECK(t.device() == x.device(), "mmfast ", op, ": pad_value must be on x's device ", x.device(), ", got ",
-                t.device());
-  }
-}
-
-void window_process_reverse_check(const Tensor& windows, IntArrayRef hw, IntArrayRef window_size,
-                                  IntArrayRef shift_size) {
-  const char* op = "window_process_reverse";
-  TORCH_CHECK(windows.dim() == 3, "mmfast ", op, ": windows must be 3-D [B*nW, Wh*Ww, C], got shape ", windows.sizes());
-  TORCH_CHECK(at::isFloatingType(windows.scalar_type()), "mmfast ", op, ": windows must be floating point, got ",
-              windows.scalar_type());
-  auto [H, W] = check_pair(hw, op, "hw");
-  TORCH_CHECK(H >= 1 && W >= 1, "mmfast ", op, ": hw must be >= 1 on both axes, got ", hw);
-  check_window_shift(window_size, shift_size, op);
-  const int64_t wh = window_size[0], ww = window_size[1];
-  const int64_t nW = (round_up(H, wh) / wh) * (round_up(W, ww) / ww);
-  TORCH_CHECK(windows.size(1) == wh * ww, "mmfast ", op, ": windows must have Wh*Ww = ", wh * ww,
-              " tokens per window (dim 1) for window_size ", window_size, ", got shape ", windows.sizes());
-  TORCH_CHECK(windows.size(0) % nW == 0, "mmfast ", op, ": windows dim 0 (", windows.size(0),
-              ") must be a multiple of the ", nW, " windows of an hw ", hw, " map with window_size ", window_size);
-}
-
-namespace {
-
-Tensor window_process_cpu(const Tensor& x, IntArrayRef window_size, IntArrayRef shift_size, bool pad_then_roll,
-                          const std::optional<Tensor>& pad_value) {
-  window_process_check(x, window_size, shift_size, pad_value);
-  TORCH_CHECK(x.device().is_cpu(), "mmfast window_process CPU kernel: x must be on the CPU");
-  const Geometry g = make_geometry(x.size(0), x.size(1), x.size(2), window_size, shift_size, pad_then_roll, false);
-  const int64_t C = x.size(3);
-  Tensor out = at::empty({g.B * g.nW, g.N, C}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  Tensor pad = pad_value.has_value() ? pad_value->to(x.scalar_type()).contiguous() : Tensor();
-  if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "window_process", [&] {
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* pp = pad.defined() ? pad.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    const int64_t sb = x.stride(0), sy = x.stride(1), sx = x.stride(2), sc = x.stride(3);
-    const int64_t ntok = g.B * g.nW * g.N;
-    at::parallel_for(0, ntok, std::max<int64_t>(1, 32768 / C), [&](int64_t t0, int64_t t1) {
-      for (int64_t tok = t0; tok < t1; ++tok) {
-        const int64_t bw = tok / g.N, t = tok % g.N, b = bw / g.nW, w = bw % g.nW;
-        const int64_t py = (w / g.nww) * g.wh + t / g.ww, px = (w % g.nww) * g.ww + t % g.ww;
-        const int64_t ys = g.row_src[py], xs = g.col_src[px];
-        scalar_t* dst = op + tok * C;
-        if (ys >= 0 && xs >= 0) {
-          copy_channels(xp + b * sb + ys * sy + xs * sx, sc, C, dst);
-        } else if (pp != nullptr) {
-          std::memcpy(dst, pp, C * sizeof(scalar_t));
-        } else {
-          std::memset(dst, 0, C * sizeof(scalar_t));  // +0.0 in every float format
-        }
-      }
-    });
-  });
-  return out;
-}
-
-Tensor window_process_reverse_cpu(const Tensor& windows, IntArrayRef hw, IntArrayRef window_size,
-                                  IntArrayRef shift_size, bool pad_then_roll) {
-  window_process_reverse_check(windows, hw, window_size, shift_size);
-  TORCH_CHECK(windows.device().is_cpu(), "mmfast window_process_reverse CPU kernel: windows must be on the CPU");
-  const int64_t H = hw[0], W = hw[1], C = windows.size(2);
-  const int64_t wh = window_size[0], ww = window_size[1], sh = shift_size[0], sw = shift_size[1];
-  const int64_t Hp = round_up(H, wh), Wp = round_up(W, ww), nww = Wp / ww, nW = (Hp / wh) * nww;
-  const int64_t B = windows.size(0) / nW;
-  Tensor out = at::empty({B, H, W, C}, windows.options().memory_format(at::MemoryFormat::Contiguous));
-  if (out.numel() == 0) return out;
-  // Source row / column of the padded grid for every output row / column (the inverse of the roll).
-  std::vector<int64_t> grid_y(H), grid_x(W);
-  for (int64_t y = 0; y < H; ++y) grid_y[y] = pad_then_roll ? (y - sh + Hp) % Hp : (y - sh + H) % H;
-  for (int64_t x = 0; x < W; ++x) grid_x[x] = pad_then_roll ? (x - sw + Wp) % Wp : (x - sw + W) % W;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, windows.scalar_type(), "window_process_reverse", [&] {
-    const scalar_t* wp = windows.const_data_ptr<scalar_t>();
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    const int64_t s0 = windows.stride(0), s1 = windows.stride(1), s2 = windows.stride(2);
-    at::parallel_for(0, B * H * W, std::max<int64_t>(1, 32768 / C), [&](int64_t t0, int64_t t1) {
-      for (int64_t tok = t0; tok < t1; ++tok) {
-        const int64_t b = tok / (H * W), y = (tok / W) % H, x = tok % W;
-        const int64_t py = grid_y[y], px = grid_x[x];
-        const int64_t w = (py / wh) * nww + px / ww, t = (py % wh) * ww + px % ww;
-        copy_channels(wp + (b * nW + w) * s0 + t * s1, s2, C, op + tok * C);
-      }
-    });
-  });
-  return out;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mmfast, m) {
@@ -825,23 +666,11 @@ TORCH_LIBRARY_FRAGMENT(mmfast, m) {
       "Tensor? rel_pos_bias, Tensor? logit_scale, Tensor? pad_value, int[] window_size, int[] shift_size, "
       "float scale, bool shift_mask, float mask_value, bool pad_then_roll) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor d_rel_pos_bias, Tensor d_logit_scale, Tensor d_pad_value)");
-  // Roll + pad + partition in one copy: x [B, H, W, C] -> windows [B*nW, Wh*Ww, C]; padded tokens get
-  // pad_value [C] (or zeros).
-  m.def(
-      "window_process(Tensor x, int[] window_size, int[] shift_size, bool pad_then_roll, Tensor? pad_value) "
-      "-> Tensor");
-  // Merge + crop + un-roll: windows [B*nW, Wh*Ww, C] -> [B, H, W, C] with (H, W) = hw. The adjoint of
-  // window_process for x; padded tokens are dropped.
-  m.def(
-      "window_process_reverse(Tensor windows, int[] hw, int[] window_size, int[] shift_size, bool pad_then_roll) "
-      "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mmfast, CPU, m) {
   m.impl("window_attention_fwd", &window_attention_fwd_cpu);
   m.impl("window_attention_bwd", &window_attention_bwd_cpu);
-  m.impl("window_process", &window_process_cpu);
-  m.impl("window_process_reverse", &window_process_reverse_cpu);
 }
 
 }  // namespace mmfast

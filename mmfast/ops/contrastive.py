@@ -142,31 +142,17 @@ def _cpp(name: str):
     return lambda *args: getattr(torch.ops.mmfast, name)(*args)
 
 
-SOFTMAX_FWD = register(OpSpec(
-    "contrastive_softmax_fwd",
-    impls={"cpp": _cpp("contrastive_softmax_fwd"), "triton": _triton("softmax_fwd"),
-           "reference": _ref_softmax_fwd},
-    checks={"cpp": _cpp_checks, "triton": _triton_checks},
-))
-SOFTMAX_BWD = register(OpSpec(
-    "contrastive_softmax_bwd",
-    impls={"cpp": _cpp("contrastive_softmax_bwd"), "triton": _triton("softmax_bwd"),
-           "reference": _ref_softmax_bwd},
-    checks={"cpp": _cpp_checks, "triton": _triton_checks},
-))
-SIGMOID_FWD = register(OpSpec(
-    "contrastive_sigmoid_fwd",
-    impls={"cpp": _cpp("contrastive_sigmoid_fwd"), "triton": _triton("sigmoid_fwd"),
-           "reference": _ref_sigmoid_fwd},
-    checks={"cpp": _cpp_checks, "triton": _triton_checks},
-))
-SIGMOID_BWD = register(OpSpec(
-    "contrastive_sigmoid_bwd",
-    impls={"cpp": _cpp("contrastive_sigmoid_bwd"), "triton": _triton("sigmoid_bwd"),
-           "reference": _ref_sigmoid_bwd},
-    checks={"cpp": _cpp_checks, "triton": _triton_checks},
-))
+def _tile_op(kind: str, reference) -> OpSpec:
+    """``contrastive_<kind>``: the C++ op of that name, the Triton launcher ``<kind>``, the reference."""
+    name = f"contrastive_{kind}"
+    return register(OpSpec(name, impls={"cpp": _cpp(name), "triton": _triton(kind), "reference": reference},
+                           checks={"cpp": _cpp_checks, "triton": _triton_checks}))
 
+
+SOFTMAX_FWD = _tile_op("softmax_fwd", _ref_softmax_fwd)
+SOFTMAX_BWD = _tile_op("softmax_bwd", _ref_softmax_bwd)
+SIGMOID_FWD = _tile_op("sigmoid_fwd", _ref_sigmoid_fwd)
+SIGMOID_BWD = _tile_op("sigmoid_bwd", _ref_sigmoid_bwd)
 
 
 def _fwd_then_bwd(fwd, bwd):

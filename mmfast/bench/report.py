@@ -24,6 +24,8 @@ import torch
 from mmfast.bench.harness import BenchResult
 
 __all__ = [
+    "csv_list",
+    "save_figure",
     "CSV_FIELDS",
     "cpu_model",
     "write_csv",
@@ -281,3 +283,17 @@ def write_results(
                 flat[k] = json.dumps(flat.get(k), default=str, sort_keys=True)
             w.writerow(flat)
     return jpath, cpath
+
+
+def csv_list(kind: type, text: str | None) -> list[Any]:
+    """``"1, 2,4"`` -> ``[kind("1"), kind("2"), kind("4")]`` (a command-line list; None or "" -> [])."""
+    return [kind(x) for x in str(text or "").replace(" ", "").split(",") if x]
+
+
+def save_figure(fig: Any, path: Path, title: str) -> Path:
+    """Title, lay out and write a matplotlib figure to ``path`` (parents made); returns the path."""
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path

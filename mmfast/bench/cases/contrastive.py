@@ -30,14 +30,11 @@ import torch
 
 from mmfast.bench.cases import BenchCase, CaseUnavailable, register_case
 from mmfast.bench.harness import BenchResult, Provider
+from mmfast.bench.report import csv_list, save_figure
 
 __all__ = ["ContrastiveCase", "LossCase", "open_clip_loss_module", "plot_memory_vs_n", "selected"]
 
 IMPLS = ("auto", "cpp", "reference", "triton", "cuda")
-
-
-def _csv(kind: type, text: str) -> list[Any]:
-    return [kind(x) for x in str(text).replace(" ", "").split(",") if x]
 
 
 def selected(name: str, wanted: list[str] | None) -> bool:
@@ -135,10 +132,10 @@ class LossCase(BenchCase):
         """Fail clearly if ``mmfast.<cls>`` is missing; note (and skip) open_clip when it is missing."""
         wanted = getattr(opts, "providers", None)
         notes: list[str] = []
-        for impl in _csv(str, opts.impl):
+        for impl in csv_list(str, opts.impl):
             if impl not in IMPLS:
                 raise CaseUnavailable(f"--impl {impl!r}: expected one of {', '.join(IMPLS)}")
-        if any(selected(f"mmfast[{i}]", wanted) for i in _csv(str, opts.impl)):
+        if any(selected(f"mmfast[{i}]", wanted) for i in csv_list(str, opts.impl)):
             ok, why = _mmfast_has(self.mmfast_attr)
             if not ok:
                 raise CaseUnavailable(
@@ -168,13 +165,13 @@ class LossCase(BenchCase):
         """N x dtype grid for ``device`` (module docstring)."""
         gpu = torch.device(device).type == "cuda"
         if opts.sizes:
-            sizes = _csv(int, opts.sizes)
+            sizes = csv_list(int, opts.sizes)
         elif gpu:
             sizes = [4096, 16384] if quick else [4096, 16384, 32768]
         else:
             sizes = [256, 512, 1024] if quick else [1024, 4096, 8192, 16384]
         if opts.dtype:
-            dtypes = _csv(str, opts.dtype)
+            dtypes = csv_list(str, opts.dtype)
         else:
             dtypes = ["float32", "bfloat16"] if gpu and not quick else ["float32"]
         for dt in dtypes:
@@ -231,7 +228,7 @@ class LossCase(BenchCase):
                     f"open_clip.loss.{self.open_clip_attr}()",
                 )
             )
-        for impl in _csv(str, opts.impl):
+        for impl in csv_list(str, opts.impl):
             name = f"mmfast[{impl}]"
             if not selected(name, wanted):
                 continue
@@ -295,11 +292,7 @@ def plot_memory_vs_n(results: list[BenchResult], path: Path, title: str = "") ->
         ax.grid(True, which="both", alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, path, title)
 
 
 @register_case

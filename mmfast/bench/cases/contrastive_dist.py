@@ -41,16 +41,13 @@ import torch
 
 from mmfast.bench.cases import BenchCase, CaseUnavailable, register_case
 from mmfast.bench.harness import BenchResult, Provider
+from mmfast.bench.report import csv_list
 
 __all__ = ["ContrastiveDistCase", "Spec", "make_step", "measure_rank", "all_specs", "spec_key", "spec_name",
            "spec_prediction"]
 
 #: ``(scheme, params)``; scheme in ``open_clip-clip``, ``open_clip-siglip``, ``mmfast-clip``, ``mmfast-siglip``.
 Spec = tuple[str, dict[str, Any]]
-
-
-def _csv(kind: type, text: str) -> list[Any]:
-    return [kind(x) for x in str(text).replace(" ", "").split(",") if x]
 
 
 def _exchange(p: dict[str, Any]) -> str:
@@ -346,9 +343,9 @@ class ContrastiveDistCase(BenchCase):
 
         if not hasattr(mmfast, "ClipLoss"):
             raise CaseUnavailable("mmfast.ClipLoss is not available")
-        if any(w < 2 for w in _csv(int, opts.world)):
+        if any(w < 2 for w in csv_list(int, opts.world)):
             raise CaseUnavailable("--world: every world size must be >= 2")
-        exchanges = _csv(str, getattr(opts, "exchange", "gather"))
+        exchanges = csv_list(str, getattr(opts, "exchange", "gather"))
         bad = [e for e in exchanges if e not in ("gather", "ring")]
         if bad or not exchanges:
             raise CaseUnavailable(f"--exchange {getattr(opts, 'exchange', '')!r}: expected gather and/or ring")
@@ -362,7 +359,7 @@ class ContrastiveDistCase(BenchCase):
         """One configuration per ``--world``."""
         b = opts.batch or (16 if quick else 64)
         return [{"world": w, "B": b, "D": opts.dim, "dtype": opts.dtype, "loss": opts.loss}
-                for w in _csv(int, opts.world)]
+                for w in csv_list(int, opts.world)]
 
     def shape(self, cfg: dict[str, Any]) -> str:
         """``W=4 B=64 D=256 float32``."""
@@ -370,9 +367,9 @@ class ContrastiveDistCase(BenchCase):
 
     def _specs(self, cfg: dict[str, Any], opts: argparse.Namespace) -> list[Spec]:
         w = cfg["world"]
-        gs = [g for g in _csv(int, opts.group_sizes) if w % g == 0]
+        gs = [g for g in csv_list(int, opts.group_sizes) if w % g == 0]
         # the ring runs with more than one group (with one, it is the gather)
-        mm = [(g, ex) for ex in dict.fromkeys(_csv(str, getattr(opts, "exchange", "gather")))
+        mm = [(g, ex) for ex in dict.fromkeys(csv_list(str, getattr(opts, "exchange", "gather")))
               for g in gs if ex == "gather" or g < w]
         if cfg["loss"] == "clip":
             flags = {"local_loss": True, "gather_with_grad": True}

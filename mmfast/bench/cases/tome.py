@@ -75,6 +75,7 @@ import torch
 
 from mmfast.bench.cases import BenchCase, CaseUnavailable, register_case
 from mmfast.bench.harness import BenchResult, Provider
+from mmfast.bench.report import csv_list, save_figure
 
 __all__ = ["ToMeCase", "layer_shapes", "summary_markdown"]
 
@@ -84,10 +85,6 @@ DEFAULT_R = {"vit_base_patch16_224": 16, "vit_large_patch14_clip_224": 8}
 #: short names in the table
 MODEL_LABELS = {"vit_base_patch16_224": "ViT-B/16", "vit_large_patch14_clip_224": "ViT-L/14",
                 "vit_tiny_patch16_224": "ViT-Ti/16"}
-
-
-def _csv(kind: type, text: str | None) -> list[Any]:
-    return [kind(x) for x in str(text or "").replace(" ", "").split(",") if x]
 
 
 def _want(name: str, family: str, wanted: list[str] | None) -> bool:
@@ -197,10 +194,10 @@ class ToMeCase(BenchCase):
 
     def check(self, opts: argparse.Namespace) -> list[str]:
         """Fail clearly without timm or mmfast.tome; note the skipped GPU shapes."""
-        for impl in _csv(str, opts.impl):
+        for impl in csv_list(str, opts.impl):
             if impl not in IMPLS:
                 raise CaseUnavailable(f"--impl {impl!r}: expected one of {', '.join(IMPLS)}")
-        for part in _csv(str, opts.parts):
+        for part in csv_list(str, opts.parts):
             if part not in ("model", "merge"):
                 raise CaseUnavailable(f"--parts {part!r}: expected model and/or merge")
         try:
@@ -224,14 +221,14 @@ class ToMeCase(BenchCase):
         dtype = opts.dtype or ("float16" if gpu else "float32")
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise CaseUnavailable(f"--dtype {dtype!r} is not a torch dtype")
-        parts = _csv(str, opts.parts)
+        parts = csv_list(str, opts.parts)
         if gpu:
-            models = _csv(str, opts.models) or (["vit_base_patch16_224"] if quick else
+            models = csv_list(str, opts.models) or (["vit_base_patch16_224"] if quick else
                                                 ["vit_base_patch16_224", "vit_large_patch14_clip_224"])
-            batches = _csv(int, opts.batch) or ([64, 1] if quick else [256, 8, 1])
+            batches = csv_list(int, opts.batch) or ([64, 1] if quick else [256, 8, 1])
         else:
-            models = _csv(str, opts.models) or ["vit_base_patch16_224"]
-            batches = _csv(int, opts.batch) or ([1] if quick else [8])
+            models = csv_list(str, opts.models) or ["vit_base_patch16_224"]
+            batches = csv_list(int, opts.batch) or ([1] if quick else [8])
         cfgs: list[dict[str, Any]] = []
         if "model" in parts:
             for m in models:
@@ -245,7 +242,7 @@ class ToMeCase(BenchCase):
             depth, tokens = _depth_tokens(m)
             shapes = layer_shapes(tokens, depth, r)
             if opts.layers:
-                layers = _csv(int, opts.layers)
+                layers = csv_list(int, opts.layers)
             elif quick:
                 layers = [1]
             elif gpu:
@@ -271,7 +268,7 @@ class ToMeCase(BenchCase):
         """Model part: ``timm``, ``tome-ref`` (baseline), ``mmfast[<impl>]``, ``mmfast[<impl>]+eager``.
         Merge part: ``tome-ref`` (baseline), ``mmfast[<impl>]`` (match + merge alone), and ``...:block``."""
         wanted = getattr(opts, "providers", None)
-        impls = _csv(str, opts.impl)
+        impls = csv_list(str, opts.impl)
         out: list[Provider] = []
         if cfg["part"] == "model":
             if _want("timm", "timm", wanted):
@@ -581,8 +578,4 @@ def plot_tome(results: list[BenchResult], path: Path, title: str = "") -> Path:
         ax.grid(True, alpha=0.3)
         if ax.lines or ax.patches:
             ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, path, title)

@@ -80,6 +80,7 @@ from mmfast.bench.cases.window_baselines import (
     window_geometry,
 )
 from mmfast.bench.harness import BenchResult, Provider
+from mmfast.bench.report import csv_list, save_figure
 
 __all__ = ["WindowCase", "analytic_bytes", "flash_window_attention", "flex_window_attention",
            "timm_style_window_attention", "window_buffers"]
@@ -94,10 +95,6 @@ SWIN_B = {"s1": (56, 128, 4), "s2": (28, 256, 8), "s3": (14, 512, 16), "s4": (7,
 #: windowed-ViT shapes (ViT-B on a 64x64 token grid, 1024 px / 16): window side.
 VIT_WINDOWS = {"vitdet14": 14, "dito16": 16}
 SWIN_MODEL = "swin_tiny_patch4_window7_224"
-
-
-def _csv(kind: type, text: str | None) -> list[Any]:
-    return [kind(x) for x in str(text or "").replace(" ", "").split(",") if x]
 
 
 @contextlib.contextmanager
@@ -197,18 +194,18 @@ class WindowCase(BenchCase):
     def check(self, opts: argparse.Namespace) -> list[str]:
         """Fail clearly without mmfast's window attention or (for blocks and models) timm; note skipped parts."""
         notes: list[str] = []
-        for impl in _csv(str, opts.impl):
+        for impl in csv_list(str, opts.impl):
             if impl not in IMPLS:
                 raise CaseUnavailable(f"--impl {impl!r}: expected one of {', '.join(IMPLS)}")
         try:
             from mmfast.functional import window_attention  # noqa: F401
         except Exception as exc:  # noqa: BLE001
             raise CaseUnavailable(f"mmfast.functional.window_attention is not available: {exc}") from exc
-        levels = _csv(str, opts.levels)
+        levels = csv_list(str, opts.levels)
         for lv in levels:
             if lv not in LEVELS:
                 raise CaseUnavailable(f"--levels {lv!r}: expected some of {', '.join(LEVELS)}")
-        for p in _csv(str, opts.passes):
+        for p in csv_list(str, opts.passes):
             if p not in PASSES:
                 raise CaseUnavailable(f"--passes {p!r}: expected some of {', '.join(PASSES)}")
         ok, why = _has_timm()
@@ -239,18 +236,18 @@ class WindowCase(BenchCase):
         dtype = opts.dtype or ("bfloat16" if gpu else "float32")
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise CaseUnavailable(f"--dtype {dtype!r} is not a torch dtype")
-        levels = _csv(str, opts.levels) or (["attn"] if gpu else list(LEVELS))
+        levels = csv_list(str, opts.levels) or (["attn"] if gpu else list(LEVELS))
         if not _has_timm()[0]:
             levels = [lv for lv in levels if lv == "attn"]
-        passes = _csv(str, opts.passes) or (["fwd+bwd"] if gpu else list(PASSES))
+        passes = csv_list(str, opts.passes) or (["fwd+bwd"] if gpu else list(PASSES))
         cfgs: list[dict[str, Any]] = []
         if gpu:
-            stages = _csv(str, opts.stages) or (["s1", "vitdet14"] if quick else [*SWIN_B, *VIT_WINDOWS])
+            stages = csv_list(str, opts.stages) or (["s1", "vitdet14"] if quick else [*SWIN_B, *VIT_WINDOWS])
             batch = opts.batch or (8 if quick else 128)
             vit_batch = opts.batch or (2 if quick else 16)
             table = SWIN_B
         else:
-            stages = _csv(str, opts.stages) or ["s1", "s3"]
+            stages = csv_list(str, opts.stages) or ["s1", "s3"]
             batch = opts.batch or (1 if quick else 8)
             vit_batch = opts.batch or 1
             table = SWIN_T
@@ -302,7 +299,7 @@ class WindowCase(BenchCase):
                 out.append(Provider(name, make(cfg, device, name), desc))
         cuda = torch.device(device).type == "cuda"
         flash = cuda and flash_config(cfg) and flash_unavailable_reason() is None
-        impls = _csv(str, opts.impl)
+        impls = csv_list(str, opts.impl)
         for impl in impls:
             name = f"mmfast[{impl}]"
             if impl == "flash_attn" and not flash:
@@ -517,8 +514,4 @@ def plot_ratio_memory(results: list[BenchResult], path: Path, title: str = "") -
     for ax in (ax_r, ax_m):
         ax.grid(True, axis="y", which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, path, title)

@@ -14,7 +14,7 @@
 #   gpu_tests  MMFAST_GPU_STRICT=1 pytest -m gpu tests/   (a GPU test that skips fails, unless it is
 #              marked optional_dep, e.g. the flash-attn one)
 #   kernels    the Triton and C++ kernel test files on CUDA tensors (on the CPU they run in the
-#              interpreter): tests/test_triton_*.py, test_tome_kernels.py, test_window_attention_coverage.py
+#              interpreter): tests/*/test_triton_*.py, tests/tome/test_tome_kernels.py, tests/window_attention/test_window_attention_coverage.py
 #   contrastive, siglip
 #              python3 -m mmfast.bench <case> --device cuda --out OUTDIR/bench (open_clip comparisons
 #              are left out with a note when open_clip is missing)
@@ -190,8 +190,8 @@ if [ "$DRY" = 1 ]; then
     XDIST=()
     BENCH_DEV=(--device cpu --quick --sizes 64 --dim 32 --impl "$IMPL")
 fi
-KERNEL_TESTS=(tests/test_triton_contrastive.py tests/test_triton_window_attention.py tests/test_tome_kernels.py
-    tests/test_window_attention_coverage.py)
+KERNEL_TESTS=(tests/contrastive/test_triton_contrastive.py tests/window_attention/test_triton_window_attention.py tests/tome/test_tome_kernels.py
+    tests/window_attention/test_window_attention_coverage.py)
 
 shopt -s nullglob
 WHEELS=("$REPO"/benchmarks/wheels/*.whl)

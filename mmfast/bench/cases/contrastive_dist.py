@@ -21,7 +21,7 @@ Every rank runs single-threaded (``torch.set_num_threads(1)``), this process inc
 Shapes: ``--batch`` 64 (``--quick`` 16) pairs per rank, ``--dim`` 256, float32.
 
 The per-rank step builders (:func:`make_step`) and the measuring worker (:func:`measure_rank`) are
-also used by ``tests/test_scaling.py``.
+also used by ``tests/contrastive/test_scaling.py``.
 """
 
 from __future__ import annotations

@@ -169,7 +169,7 @@ def test_contrastive_dist_case_runs(tmp_path):
     cmd = [sys.executable, "-m", "mmfast.bench", "contrastive-dist", "--world", "2", "--batch", "4", "--dim", "16",
            "--repeats", "2", "--max-time", "0.5", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env,
-                          cwd=Path(__file__).resolve().parents[1])
+                          cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "contrastive-dist.jsonl").read_text().splitlines()]
     assert [r["provider"] for r in rows] == ["open_clip", "mmfast[g=1]", "mmfast[g=2]"]

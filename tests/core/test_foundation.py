@@ -92,7 +92,7 @@ def test_pure_python_wheel_carries_the_triton_package(tmp_path):
     import glob
     import zipfile
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
                           str(tmp_path), repo], env=dict(os.environ, MMFAST_NO_EXT="1"), capture_output=True,
                          text=True, timeout=600)
@@ -107,7 +107,7 @@ def test_pure_python_wheel_carries_the_triton_package(tmp_path):
 def test_source_tree_built_in_place_finds_the_triton_package():
     # `setup.py build_ext --inplace` (gpu_check.sh's old build) leaves no kernels/ -> mmfast.triton
     # mapping: mmfast must register the tree's kernels/ itself, so the Triton backends stay reachable
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     code = (
         "import sys\n"
         "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in type(f).__module__.lower()\n"

@@ -23,7 +23,7 @@ import torch
 import mmfast
 from mmfast import tome
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FWD_TOL, BWD_TOL = 1e-4, 1e-3
 
 

@@ -16,7 +16,7 @@ import torch
 from mmfast import _ext
 from mmfast.info import _runs_on
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without a GPU reports")
 
 

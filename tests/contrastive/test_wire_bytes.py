@@ -1,6 +1,6 @@
 """What the distributed losses really send: loopback bytes (/proc/net/dev) of one step in real gloo
 processes, all ranks, against the byte model of mmfast.bench.comm (which the scaling model's exact
-byte predictions are checked against in tests/test_scaling.py). On gloo a reduce-scatter must not
+byte predictions are checked against in tests/contrastive/test_scaling.py). On gloo a reduce-scatter must not
 cost an all-reduce: mmfast's goes through an all-to-all, so the wire sees the model's bytes."""
 
 from __future__ import annotations

@@ -54,10 +54,6 @@ def has_cpp() -> bool:
     return _C is not None
 
 
-def has_cuda_ext() -> bool:
-    return _C is not None and bool(_C.build_info().get("cuda"))
-
-
 #: The Triton kernel modules of ``mmfast.triton`` (the ``kernels/`` folder of the source tree).
 TRITON_MODULES = ("contrastive", "tome", "window_attention")
 

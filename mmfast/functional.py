@@ -8,7 +8,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from mmfast.ops.registry import BACKENDS
 from mmfast.reference.tome import effective_r, parse_r, proportional_attention_bias  # noqa: F401 - public here
 
 __all__ = ["clip_loss", "siglip_loss", "window_attention", "bipartite_soft_matching", "merge_wavg", "merge_source",
@@ -92,9 +91,7 @@ def _check_world(rank: int, world_size: int, group) -> None:
 def _resolve(impl: str, image: Tensor, text: Tensor) -> str:
     from mmfast.ops import contrastive as tiles
 
-    if impl not in ("auto",) + BACKENDS:
-        raise ValueError(f"impl must be one of {('auto',) + BACKENDS}, got {impl!r}")
-    return tiles.resolve_impl(image, text, None if impl == "auto" else impl)
+    return tiles.resolve_impl(image, text, impl)
 
 
 def _prepare(image, text, logit_scale, logit_bias, rank, world_size, group, group_size, impl, exchange):
@@ -148,7 +145,7 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor
             1.5x the bytes) or "auto" (the ring when the gather would need more than the memory
             budget of mmfast.distributed.contrastive.set_memory_budget, default 512 MiB).
             The same on every rank; the loss and gradients are the same for each.
-        impl: "auto", "cpp", "triton", "cuda" or "reference" (forces a backend).
+        impl: "auto", "cpp", "triton" or "reference" (forces a backend; see ``python -m mmfast.info``).
         output_dict: return {"contrastive_loss": loss}.
     Returns:
         the loss: 0-dim float32 (float64 for float64 features), as open_clip's loss is under
@@ -233,11 +230,9 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, *, window_size: int | tupl
     """
     from mmfast.ops.window_attention import window_attention as _wa
 
-    if impl not in ("auto",) + BACKENDS:
-        raise ValueError(f"impl must be one of {('auto',) + BACKENDS}, got {impl!r}")
     return _wa(q, k, v, window_size=window_size, shift_size=shift_size, rel_pos_bias=rel_pos_bias, scale=scale,
                logit_scale=logit_scale, pad_value=pad_value, shift_mask=shift_mask, mask_value=mask_value,
-               order=order, impl=None if impl == "auto" else impl)
+               order=order, impl=impl)
 
 
 def window_partition(x: Tensor, window_size: int | tuple[int, int], shift_size: int | tuple[int, int] = 0, *,
@@ -247,7 +242,7 @@ def window_partition(x: Tensor, window_size: int | tuple[int, int], shift_size: 
     that need explicit windows (a custom attention, a mask of their own)."""
     from mmfast.ops.window_process import window_partition as _wp
 
-    return _wp(x, window_size, shift_size, order=order, pad_value=pad_value, impl=None if impl == "auto" else impl)
+    return _wp(x, window_size, shift_size, order=order, pad_value=pad_value, impl=impl)
 
 
 def window_unpartition(windows: Tensor, hw: tuple[int, int], window_size: int | tuple[int, int],
@@ -255,7 +250,7 @@ def window_unpartition(windows: Tensor, hw: tuple[int, int], window_size: int | 
     """Inverse of :func:`window_partition`: reverse partition, crop to ``hw`` and un-shift."""
     from mmfast.ops.window_process import window_unpartition as _wu
 
-    return _wu(windows, hw, window_size, shift_size, order=order, impl=None if impl == "auto" else impl)
+    return _wu(windows, hw, window_size, shift_size, order=order, impl=impl)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -296,7 +291,7 @@ def proportional_attention(qkv: Tensor, log_size: Tensor | None, num_heads: int,
     differentiable torch path. ``impl``: ``"cpp"`` or ``"reference"`` to force one."""
     from mmfast.ops.tome import proportional_attention as _pa
 
-    return _pa(qkv, log_size, num_heads, scale=scale, impl=None if impl == "auto" else impl)
+    return _pa(qkv, log_size, num_heads, scale=scale, impl=impl)
 
 
 def fused_proportional_attention(qkv: Tensor, log_size: Tensor | None, num_heads: int, scale: float

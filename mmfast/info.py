@@ -73,7 +73,7 @@ def smoke(backend: str) -> list[tuple[str, bool | None, str]]:
     out: list[tuple[str, bool | None, str]] = []
 
     def run(name, fn, ops):
-        missing = [op for op in ops if backend not in registry.get(op).impls]
+        missing = [op for op in ops if backend not in registry.get(op).backends]
         if backend != "reference" and missing:
             out.append((name, None, f"no kernel ({', '.join(missing)} has no {backend} implementation)"))
             return
@@ -87,9 +87,9 @@ def smoke(backend: str) -> list[tuple[str, bool | None, str]]:
     i, t = (torch.randn(9, 16, generator=g).to(dev) for _ in range(2))
     s = torch.tensor(10.0, device=dev)
     run("clip_loss", lambda b: [mmfast.functional.clip_loss(i, t, s, impl=b)],
-        ["contrastive_softmax_fwd", "contrastive_softmax_bwd"])
+        ["contrastive_softmax"])
     run("siglip_loss", lambda b: [mmfast.functional.siglip_loss(i, t, s, -5.0, impl=b)],
-        ["contrastive_sigmoid_fwd"])
+        ["contrastive_sigmoid"])
     q, k, v = (torch.randn(2, 7, 5, 2, 8, generator=g).to(dev) for _ in range(3))
     table = torch.randn(25, 2, generator=g).to(dev)
     run("window_attention", lambda b: [mmfast.functional.window_attention(
@@ -207,7 +207,7 @@ def preflight() -> list[str]:
             problems.append(f"mmfast._C: compiled for archs {archs}, not for this GPU's sm_{cap[0]}{cap[1]} "
                             "(rebuild on this machine, or set TORCH_CUDA_ARCH_LIST)")
         for op in registry.all_ops():
-            if "cuda" not in op.impls:
+            if "cuda" not in op.backends:
                 continue
             qualname = f"mmfast::{op.name}"
             try:

@@ -17,7 +17,7 @@ import socket
 import sys
 import tempfile
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -151,9 +151,3 @@ def run_distributed(
         if errors:
             raise RuntimeError("run_distributed failed:\n" + "\n".join(errors))
         return results
-
-
-def split_sizes(total: int, parts: int) -> Sequence[int]:
-    """Near-equal split of ``total`` items into ``parts`` (the first ones get the remainder)."""
-    base, rem = divmod(total, parts)
-    return [base + (1 if i < rem else 0) for i in range(parts)]

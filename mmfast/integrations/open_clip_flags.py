@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 __all__ = ["PROG", "IMPLS", "LOSSES", "FLAGS_HELP", "MMFastFlagError", "MMFastOptions", "split_argv"]
 
 PROG = "mmfast-open-clip-train"
-IMPLS = ("auto", "cpp", "triton", "cuda", "reference")
+IMPLS = ("auto", "cpp", "triton", "reference")
 LOSSES = ("mmfast", "open_clip")
 
 FLAGS_HELP = f"""\

@@ -13,7 +13,7 @@ class ClipLoss(nn.Module):
 
     Extra keywords: ``group`` (process group, None = WORLD), ``group_size`` (ranks per all-gather
     group; None = ranks per node), ``exchange`` ("auto", "gather" or "ring": see
-    :func:`mmfast.functional.clip_loss`), ``impl`` (backend: "auto", "cpp", "triton", "cuda", "reference").
+    :func:`mmfast.functional.clip_loss`), ``impl`` (backend: "auto", "cpp", "triton", "reference").
     ``cache_labels`` is accepted and has nothing to cache (labels are never materialised).
     """
 

@@ -25,10 +25,6 @@ __all__ = ["WindowAttention", "WindowAttentionV2", "SwinTransformerBlock", "Swin
            "fused_window_attention_v1", "fused_window_attention_v2", "attention_fusable"]
 
 
-def _pair(v) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
 # ----------------------------------------------------------------------------------------------
 # the fused attention of one block, shared by mmfast's modules and the timm patch
 
@@ -104,7 +100,7 @@ class WindowAttention(nn.Module):
         if head_dim is None and dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads}) when head_dim is not given")
         self.dim = dim
-        self.window_size = _pair(window_size)
+        self.window_size = ref.pair(window_size, "window_size")
         self.window_area = self.window_size[0] * self.window_size[1]
         self.num_heads = num_heads
         head_dim = head_dim or dim // num_heads
@@ -163,8 +159,8 @@ class WindowAttentionV2(nn.Module):
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         self.dim = dim
-        self.window_size = _pair(window_size)
-        self.pretrained_window_size = _pair(pretrained_window_size)
+        self.window_size = ref.pair(window_size, "window_size")
+        self.pretrained_window_size = ref.pair(pretrained_window_size, "pretrained_window_size")
         self.num_heads = num_heads
         self.logit_scale = nn.Parameter(torch.log(10 * torch.ones((num_heads, 1, 1))))
         self.cpb_mlp = nn.Sequential(nn.Linear(2, 512, bias=True), nn.ReLU(inplace=True),
@@ -224,16 +220,31 @@ class _SwinBlockBase(nn.Module):
     def _setup_window(self, input_resolution, window_size, shift_size, always_partition):
         if input_resolution is None:
             raise ValueError("input_resolution is required (the feature map size, as in timm)")
-        self.input_resolution = _pair(input_resolution)
-        self.target_shift_size = _pair(shift_size)
+        self.input_resolution = ref.pair(input_resolution, "input_resolution")
+        self.target_shift_size = ref.pair(shift_size, "shift_size")
         self.always_partition = always_partition
         self.window_size, self.shift_size = ref.effective_window(
-            self.input_resolution, _pair(window_size), _pair(shift_size), always_partition=always_partition)
+            self.input_resolution, ref.pair(window_size, "window_size"), self.target_shift_size,
+            always_partition=always_partition)
         self.window_area = self.window_size[0] * self.window_size[1]
 
-    def _check(self, x: Tensor) -> None:
+    def _attn(self, x: Tensor) -> Tensor:
+        return self.attn.forward_spatial(x, self.shift_size)
+
+    def _attn_branch(self, x: Tensor) -> Tensor:  # v1: pre-norm, v2: post-norm
+        raise NotImplementedError
+
+    def _mlp_branch(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be channels-last [B, H, W, {self.dim}], got {tuple(x.shape)}")
+        b, h, w, c = x.shape
+        x = x + self.drop_path1(self._attn_branch(x))
+        x = x.reshape(b, -1, c)
+        x = x + self.drop_path2(self._mlp_branch(x))
+        return x.reshape(b, h, w, c)
 
 
 class SwinTransformerBlock(_SwinBlockBase):
@@ -256,16 +267,11 @@ class SwinTransformerBlock(_SwinBlockBase):
         self.mlp = _Mlp(dim, int(dim * mlp_ratio), act_layer, proj_drop)
         self.drop_path2 = _DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def _attn(self, x: Tensor) -> Tensor:
-        return self.attn.forward_spatial(x, self.shift_size)
+    def _attn_branch(self, x: Tensor) -> Tensor:
+        return self._attn(self.norm1(x))
 
-    def forward(self, x: Tensor) -> Tensor:
-        self._check(x)
-        b, h, w, c = x.shape
-        x = x + self.drop_path1(self._attn(self.norm1(x)))
-        x = x.reshape(b, -1, c)
-        x = x + self.drop_path2(self.mlp(self.norm2(x)))
-        return x.reshape(b, h, w, c)
+    def _mlp_branch(self, x: Tensor) -> Tensor:
+        return self.mlp(self.norm2(x))
 
 
 class SwinTransformerV2Block(_SwinBlockBase):
@@ -282,20 +288,15 @@ class SwinTransformerV2Block(_SwinBlockBase):
         self.mlp_ratio = mlp_ratio
         self.attn = WindowAttentionV2(dim, window_size=self.window_size, num_heads=num_heads, qkv_bias=qkv_bias,
                                       attn_drop=attn_drop, proj_drop=proj_drop,
-                                      pretrained_window_size=_pair(pretrained_window_size))
+                                      pretrained_window_size=ref.pair(pretrained_window_size, "pretrained_window_size"))
         self.norm1 = norm_layer(dim)
         self.drop_path1 = _DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.mlp = _Mlp(dim, int(dim * mlp_ratio), act_layer, proj_drop)
         self.norm2 = norm_layer(dim)
         self.drop_path2 = _DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def _attn(self, x: Tensor) -> Tensor:
-        return self.attn.forward_spatial(x, self.shift_size)
+    def _attn_branch(self, x: Tensor) -> Tensor:
+        return self.norm1(self._attn(x))
 
-    def forward(self, x: Tensor) -> Tensor:
-        self._check(x)
-        b, h, w, c = x.shape
-        x = x + self.drop_path1(self.norm1(self._attn(x)))
-        x = x.reshape(b, -1, c)
-        x = x + self.drop_path2(self.norm2(self.mlp(x)))
-        return x.reshape(b, h, w, c)
+    def _mlp_branch(self, x: Tensor) -> Tensor:
+        return self.norm2(self.mlp(x))

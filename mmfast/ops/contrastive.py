@@ -16,10 +16,12 @@ by the callers (mmfast.functional, mmfast.distributed).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from mmfast.ops.registry import OpSpec, register
+from mmfast.ops.registry import Backend, Inputs, OpSpec, register
 
 # ----------------------------------------------------------------------------------------------
 # fake (meta) kernels for the C++ ops, so they work with torch.compile and opcheck
@@ -106,25 +108,40 @@ def _ref_sigmoid_bwd(a, b, scale, bias, row_w):
 
 
 # ----------------------------------------------------------------------------------------------
-# backend checks and registration
+# the backend table
 
 
-def _cpp_checks(a: Tensor, b: Tensor, *rest) -> list[str]:
+@dataclass(frozen=True)
+class TileInputs(Inputs):
+    """What decides the backend of a tile op: the two feature blocks (``a [M, D]``, ``b [N, D]``)."""
+
+    a: Tensor
+    b: Tensor
+
+
+def _cpp_checks(inputs: TileInputs) -> list[str]:
     reasons = []
-    if a.device.type != "cpu" or b.device.type != "cpu":
+    if inputs.a.device.type != "cpu" or inputs.b.device.type != "cpu":
         reasons.append("the C++ kernel takes CPU tensors")
     return reasons
 
 
-def _triton_checks(a: Tensor, b: Tensor, *rest) -> list[str]:
+def _cpp_fused_checks(inputs: TileInputs) -> list[str]:
+    reasons = _cpp_checks(inputs)
+    if not hasattr(torch.ops.mmfast, "contrastive_sigmoid_fwd_bwd"):
+        reasons.append("this build of mmfast._C has no contrastive_sigmoid_fwd_bwd")
+    return reasons
+
+
+def _triton_checks(inputs: TileInputs) -> list[str]:
     import os
 
     try:
         from mmfast.triton import contrastive as tk
     except ImportError as exc:
         return [f"mmfast.triton.contrastive failed to import: {exc}"]
-    reasons = list(tk.not_supported_reasons(a, b))
-    if a.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    reasons = list(tk.not_supported_reasons(inputs.a, inputs.b))
+    if inputs.a.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         reasons.append("CPU tensors need TRITON_INTERPRET=1")
     return reasons
 
@@ -139,20 +156,7 @@ def _triton(name: str):
 
 
 def _cpp(name: str):
-    return lambda *args: getattr(torch.ops.mmfast, name)(*args)
-
-
-def _tile_op(kind: str, reference) -> OpSpec:
-    """``contrastive_<kind>``: the C++ op of that name, the Triton launcher ``<kind>``, the reference."""
-    name = f"contrastive_{kind}"
-    return register(OpSpec(name, impls={"cpp": _cpp(name), "triton": _triton(kind), "reference": reference},
-                           checks={"cpp": _cpp_checks, "triton": _triton_checks}))
-
-
-SOFTMAX_FWD = _tile_op("softmax_fwd", _ref_softmax_fwd)
-SOFTMAX_BWD = _tile_op("softmax_bwd", _ref_softmax_bwd)
-SIGMOID_FWD = _tile_op("sigmoid_fwd", _ref_sigmoid_fwd)
-SIGMOID_BWD = _tile_op("sigmoid_bwd", _ref_sigmoid_bwd)
+    return lambda *args: getattr(torch.ops.mmfast, f"contrastive_{name}")(*args)
 
 
 def _fwd_then_bwd(fwd, bwd):
@@ -163,52 +167,55 @@ def _fwd_then_bwd(fwd, bwd):
     return run
 
 
-def _cpp_fwd_bwd_checks(a: Tensor, b: Tensor, *rest) -> list[str]:
-    reasons = _cpp_checks(a, b)
-    if not hasattr(torch.ops.mmfast, "contrastive_sigmoid_fwd_bwd"):
-        reasons.append("this build of mmfast._C has no contrastive_sigmoid_fwd_bwd")
-    return reasons
+def _tile_op(kind: str, reference_fwd, reference_bwd) -> OpSpec:
+    """``contrastive_<kind>``: forward ``<kind>_fwd`` and backward ``<kind>_bwd`` from the C++ ops
+    (``torch.ops.mmfast.contrastive_<kind>_fwd``), the Triton launchers and the reference."""
+    return register(OpSpec(f"contrastive_{kind}", {
+        "cpp": Backend(_cpp(f"{kind}_fwd"), _cpp(f"{kind}_bwd"), _cpp_checks),
+        "triton": Backend(_triton(f"{kind}_fwd"), _triton(f"{kind}_bwd"), _triton_checks),
+        "reference": Backend(reference_fwd, reference_bwd),
+    }))
 
 
-SIGMOID_FWD_BWD = register(OpSpec(
-    "contrastive_sigmoid_fwd_bwd",
-    impls={"cpp": _cpp("contrastive_sigmoid_fwd_bwd"),
-           "triton": _fwd_then_bwd(_triton("sigmoid_fwd"), _triton("sigmoid_bwd")),
-           "reference": _fwd_then_bwd(_ref_sigmoid_fwd, _ref_sigmoid_bwd)},
-    checks={"cpp": _cpp_fwd_bwd_checks, "triton": _triton_checks},
-))
+#: forward ``(a, b, scale, bias) -> (row_lse, row_mean_logit, col_lse, col_mean_logit)``; backward
+#: ``(a, b, scale, bias, row_lse, col_lse, a_row_w, a_col_w, b_row_w, b_col_w) -> (da, db)``
+SOFTMAX = _tile_op("softmax", _ref_softmax_fwd, _ref_softmax_bwd)
+#: forward ``(a, b, scale, bias) -> rowsum``; backward ``(a, b, scale, bias, row_w) -> (da, db, dscale, dbias)``
+SIGMOID = _tile_op("sigmoid", _ref_sigmoid_fwd, _ref_sigmoid_bwd)
+#: forward ``(a, b, scale, bias, row_w) -> (rowsum, da, db, dscale, dbias)`` in one tile pass (C++: 3
+#: GEMMs instead of 4); no backward of its own (it is one)
+SIGMOID_FUSED = register(OpSpec("contrastive_sigmoid_fused", {
+    "cpp": Backend(_cpp("sigmoid_fwd_bwd"), check=_cpp_fused_checks),
+    "triton": Backend(_fwd_then_bwd(_triton("sigmoid_fwd"), _triton("sigmoid_bwd")), check=_triton_checks),
+    "reference": Backend(_fwd_then_bwd(_ref_sigmoid_fwd, _ref_sigmoid_bwd)),
+}))
 
 
 def softmax_stats(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor | None, impl: str | None = None):
     """(row_lse [M], row_mean_logit [M], col_lse [N], col_mean_logit [N]) in fp32 (fp64 for fp64)."""
-    backend = SOFTMAX_FWD.select(a.device, impl, a, b)
-    return SOFTMAX_FWD.impls[backend](a, b, scale, bias)
+    return SOFTMAX.backend(SOFTMAX.select(TileInputs(a, b), impl)).forward(a, b, scale, bias)
 
 
 def softmax_grads(a, b, scale, bias, row_lse, col_lse, a_row_w, a_col_w, b_row_w=None, b_col_w=None,
                   impl: str | None = None) -> tuple[Tensor, Tensor]:
-    backend = SOFTMAX_BWD.select(a.device, impl, a, b)
-    return SOFTMAX_BWD.impls[backend](a, b, scale, bias, row_lse, col_lse, a_row_w, a_col_w, b_row_w, b_col_w)
+    return SOFTMAX.backend(SOFTMAX.select(TileInputs(a, b), impl)).backward(
+        a, b, scale, bias, row_lse, col_lse, a_row_w, a_col_w, b_row_w, b_col_w)
 
 
 def sigmoid_rowsum(a, b, scale, bias, impl: str | None = None) -> Tensor:
-    backend = SIGMOID_FWD.select(a.device, impl, a, b)
-    return SIGMOID_FWD.impls[backend](a, b, scale, bias)
+    return SIGMOID.backend(SIGMOID.select(TileInputs(a, b), impl)).forward(a, b, scale, bias)
 
 
 def sigmoid_grads(a, b, scale, bias, row_w, impl: str | None = None):
-    backend = SIGMOID_BWD.select(a.device, impl, a, b)
-    return SIGMOID_BWD.impls[backend](a, b, scale, bias, row_w)
+    return SIGMOID.backend(SIGMOID.select(TileInputs(a, b), impl)).backward(a, b, scale, bias, row_w)
 
 
 def sigmoid_rowsum_and_grads(a, b, scale, bias, row_w, impl: str | None = None):
-    """``(sigmoid_rowsum(...), *sigmoid_grads(...))`` in one tile pass where the backend has one (C++:
-    3 GEMMs instead of 4)."""
-    backend = SIGMOID_FWD_BWD.select(a.device, impl, a, b)
-    return SIGMOID_FWD_BWD.impls[backend](a, b, scale, bias, row_w)
+    """``(sigmoid_rowsum(...), *sigmoid_grads(...))`` in one tile pass where the backend has one."""
+    return SIGMOID_FUSED.backend(SIGMOID_FUSED.select(TileInputs(a, b), impl)).forward(a, b, scale, bias, row_w)
 
 
 def resolve_impl(a: Tensor, b: Tensor, impl: str | None) -> str:
     """The backend every tile op of one loss call will use (chosen once, so forward and backward
-    run the same kernels)."""
-    return SOFTMAX_FWD.select(a.device, impl, a, b)
+    run the same kernels). ``impl``: None / "auto" or a backend name (validated here)."""
+    return SOFTMAX.select(TileInputs(a, b), impl)

@@ -15,11 +15,12 @@ layout). Everywhere else (CUDA, training) the patches keep SDPA with an additive
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from mmfast.ops.registry import OpSpec, register
+from mmfast.ops.registry import Backend, Inputs, OpSpec, register
 from mmfast.reference import tome as ref
 
 
@@ -27,22 +28,39 @@ def _has(op: str) -> bool:
     return hasattr(torch.ops.mmfast, op)
 
 
-def _cpp_checks(t: Tensor, *rest) -> list[str]:
+@dataclass(frozen=True)
+class TokenInputs(Inputs):
+    """What decides the backend of matching and merging: the metric (matching) or the tokens (merge)."""
+
+    x: Tensor
+
+
+@dataclass(frozen=True)
+class AttnInputs(Inputs):
+    """What decides the backend of proportional attention."""
+
+    qkv: Tensor
+    log_size: Tensor | None
+    num_heads: int
+    needs_grad: bool
+
+
+def _cpp_checks(inputs: Inputs) -> list[str]:
     reasons = []
-    if t.device.type != "cpu":
+    if inputs.device.type != "cpu":
         reasons.append("the C++ kernel takes CPU tensors")
     if not _has("tome_match"):
         reasons.append("this build of mmfast._C has no tome kernels")
     return reasons
 
 
-def _triton_checks(t: Tensor, *rest) -> list[str]:
+def _triton_checks(inputs: TokenInputs) -> list[str]:
     try:
         from mmfast.triton import tome as tk
     except Exception as exc:  # noqa: BLE001 - reported as a reason
         return [f"mmfast.triton.tome failed to import: {exc}"]
-    reasons = list(tk.not_supported_reasons(t))
-    if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    reasons = list(tk.not_supported_reasons(inputs.x))
+    if inputs.x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         reasons.append("CPU tensors need TRITON_INTERPRET=1")
     return reasons
 
@@ -99,23 +117,35 @@ def _register_fakes() -> None:
 
 _register_fakes()
 
-MATCH = register(OpSpec("tome_match", impls={"cpp": _match_cpp, "triton": _match_triton,
-                                             "reference": ref.matching_indices},
-                        checks={"cpp": _cpp_checks, "triton": _triton_checks}))
-MERGE = register(OpSpec("tome_merge_wavg", impls={"cpp": _merge_cpp, "triton": _merge_triton, "reference": None},
-                        checks={"cpp": _cpp_checks, "triton": _triton_checks}))
-_MERGE_BWD = {"cpp": _merge_bwd_cpp, "triton": _merge_bwd_triton}
+def _ref_merge(x, size, unm, src, dst):
+    return ref.merge_wavg(lambda t, mode="mean": ref.merge_by_indices(t, unm, src, dst, mode), x, size)
+
+
+# matching: ``(metric, r, class_token, distill_token) -> (unm_idx, src_idx, dst_idx)``, no gradient.
+MATCH = register(OpSpec("tome_match", {
+    "cpp": Backend(_match_cpp, check=_cpp_checks),
+    "triton": Backend(_match_triton, check=_triton_checks),
+    "reference": Backend(ref.matching_indices),
+}))
+# size-weighted merge: forward ``(x, size, unm, src, dst) -> (x', size')``; backward
+# ``(grad_x', grad_size', x, size, unm, src, dst) -> (grad_x, grad_size)`` (the kernels run inside
+# mmfast::tome_merge_fused, the reference is differentiable torch).
+MERGE = register(OpSpec("tome_merge_wavg", {
+    "cpp": Backend(_merge_cpp, _merge_bwd_cpp, _cpp_checks),
+    "triton": Backend(_merge_triton, _merge_bwd_triton, _triton_checks),
+    "reference": Backend(_ref_merge),
+}))
 
 
 def _needs_grad(qkv: Tensor, log_size: Tensor | None) -> bool:
     return torch.is_grad_enabled() and (qkv.requires_grad or (log_size is not None and log_size.requires_grad))
 
 
-def _attn_cpp_checks(qkv: Tensor, log_size: Tensor | None, num_heads: int) -> list[str]:
-    reasons = _cpp_checks(qkv)
+def _attn_cpp_checks(inputs: AttnInputs) -> list[str]:
+    reasons = _cpp_checks(inputs)
     if not _has("tome_attention"):
         reasons.append("this build of mmfast._C has no tome_attention kernel")
-    if _needs_grad(qkv, log_size):
+    if inputs.needs_grad:
         reasons.append("the fused kernel has no backward (inference only) and these inputs require grad")
     return reasons
 
@@ -133,8 +163,12 @@ def _attn_cpp(qkv: Tensor, log_size: Tensor | None, num_heads: int, scale: float
     return torch.ops.mmfast.tome_attention(qkv, log_size, num_heads, scale)
 
 
-ATTENTION = register(OpSpec("tome_attention", impls={"cpp": _attn_cpp, "reference": _attn_reference},
-                            checks={"cpp": _attn_cpp_checks}))
+# ``(qkv, log_size, num_heads, scale) -> out``; the C++ kernel has no backward, so its check admits
+# only inputs that need no gradient, and the differentiable reference takes the rest.
+ATTENTION = register(OpSpec("tome_attention", {
+    "cpp": Backend(_attn_cpp, check=_attn_cpp_checks),
+    "reference": Backend(_attn_reference),
+}))
 
 
 def proportional_attention(qkv: Tensor, log_size: Tensor | None, num_heads: int, scale: float | None = None,
@@ -159,10 +193,8 @@ def proportional_attention(qkv: Tensor, log_size: Tensor | None, num_heads: int,
     if log_size is not None and (log_size.dim() != 2 or tuple(log_size.shape) != tuple(qkv.shape[:2])):
         raise ValueError(f"log_size must be [B, N] = {list(qkv.shape[:2])}, got {tuple(log_size.shape)}")
     scale = float(scale) if scale is not None else (qkv.shape[2] // (3 * num_heads)) ** -0.5
-    if _needs_grad(qkv, log_size) and impl in (None, "auto"):
-        return _attn_reference(qkv, log_size, num_heads, scale)  # the differentiable path, by design
-    backend = ATTENTION.select(qkv.device, impl, qkv, log_size, num_heads)
-    return ATTENTION.impls[backend](qkv, log_size, num_heads, scale)
+    inputs = AttnInputs(qkv, log_size, num_heads, _needs_grad(qkv, log_size))
+    return ATTENTION.backend(ATTENTION.select(inputs, impl)).forward(qkv, log_size, num_heads, scale)
 
 
 def fused_attention_or_none(qkv: Tensor, log_size: Tensor | None, num_heads: int, scale: float) -> Tensor | None:
@@ -171,9 +203,10 @@ def fused_attention_or_none(qkv: Tensor, log_size: Tensor | None, num_heads: int
     ``None`` and the caller runs its own (SDPA or explicit) attention."""
     if qkv.device.type != "cpu" or _needs_grad(qkv, log_size):
         return None
-    if ATTENTION.select(qkv.device, None, qkv, log_size, num_heads) == "reference":
+    backend = ATTENTION.select(AttnInputs(qkv, log_size, num_heads, False))
+    if backend == "reference":
         return None
-    return ATTENTION.impls["cpp"](qkv, log_size, num_heads, scale)
+    return ATTENTION.backend(backend).forward(qkv, log_size, num_heads, scale)
 
 
 class Merge:
@@ -213,14 +246,14 @@ class Unmerge:
 
 def bipartite_soft_matching(metric: Tensor, r: int, class_token: bool = False, distill_token: bool = False,
                             impl: str | None = None) -> tuple[Merge, Unmerge]:
-    bsz, n, _ = ref._check_metric(metric)
+    bsz, n, _ = ref.check_metric(metric)
     r = ref.effective_r(n, r, class_token, distill_token)
     if r == 0:
         m = Merge(None, None, None, bsz, n, 0, impl)
         return m, Unmerge(m)
-    backend = MATCH.select(metric.device, impl, metric)
+    backend = MATCH.select(TokenInputs(metric), impl)
     with torch.no_grad():
-        unm, src, dst = MATCH.impls[backend](metric.detach(), r, class_token, distill_token)
+        unm, src, dst = MATCH.backend(backend).forward(metric.detach(), r, class_token, distill_token)
     m = Merge(unm, src, dst, bsz, n, r, impl)
     return m, Unmerge(m)
 
@@ -229,7 +262,7 @@ def bipartite_soft_matching(metric: Tensor, r: int, class_token: bool = False, d
 def tome_merge_op(x: Tensor, size: Tensor | None, unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor, impl: str
                   ) -> tuple[Tensor, Tensor]:
     """(merged x [B, N - r, C] in x.dtype, merged size [B, N - r, 1])."""
-    out, new_size = MERGE.impls[impl](x, size, unm_idx, src_idx, dst_idx)
+    out, new_size = MERGE.backend(impl).forward(x, size, unm_idx, src_idx, dst_idx)
     return out.to(x.dtype), new_size
 
 
@@ -244,7 +277,7 @@ def _(x, size, unm_idx, src_idx, dst_idx, impl):
 @torch.library.custom_op("mmfast::tome_merge_fused_backward", mutates_args=())
 def tome_merge_backward_op(grad_x: Tensor, grad_size: Tensor | None, x: Tensor, size: Tensor | None,
                            unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor, impl: str) -> tuple[Tensor, Tensor]:
-    gx, gs = _MERGE_BWD[impl](grad_x, grad_size, x, size, unm_idx, src_idx, dst_idx)
+    gx, gs = MERGE.backend(impl).backward(grad_x, grad_size, x, size, unm_idx, src_idx, dst_idx)
     return gx.to(x.dtype), (gs.to(size.dtype) if size is not None else x.new_empty(0))
 
 
@@ -282,9 +315,9 @@ def merge_wavg(merge, x: Tensor, size: Tensor | None = None) -> tuple[Tensor, Te
         raise ValueError(f"size must be [{x.shape[0]}, {x.shape[1]}, 1], got {tuple(size.shape)}")
     if merge.r == 0:
         return x, (size if size is not None else x.new_ones(x.shape[0], x.shape[1], 1))
-    backend = MERGE.select(x.device, merge.impl, x)
-    if backend == "reference":
-        return ref.merge_wavg(merge, x, size)
+    backend = MERGE.select(TokenInputs(x), merge.impl)
+    if MERGE.backend(backend).backward is None:  # differentiable torch: runs outside the custom op
+        return MERGE.backend(backend).forward(x, size, merge.unm_idx, merge.src_idx, merge.dst_idx)
     return tome_merge_op(x, size, merge.unm_idx, merge.src_idx, merge.dst_idx, backend)
 
 

@@ -37,31 +37,46 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from mmfast.ops import registry
-from mmfast.ops.registry import OpSpec, register
+from mmfast.ops.registry import Backend, Inputs, OpSpec, register
 from mmfast.reference import window_attention as ref
 
 
-def _cpp_checks(q: Tensor, *rest) -> list[str]:
+@dataclass(frozen=True)
+class WindowInputs(Inputs):
+    """What decides the backend of a window attention call (validated by the reference first)."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    window: tuple[int, int]
+    shift: tuple[int, int]
+    rel_pos_bias: Tensor | None
+    logit_scale: Tensor | None
+    shift_mask: bool
+
+
+def _cpp_checks(inputs: WindowInputs) -> list[str]:
     reasons = []
-    if q.device.type != "cpu":
+    if inputs.q.device.type != "cpu":
         reasons.append("the C++ kernel takes CPU tensors")
     if not hasattr(torch.ops.mmfast, "window_attention_fwd"):
         reasons.append("this build of mmfast._C has no window_attention_fwd")
     return reasons
 
 
-def _triton_checks(q: Tensor, k: Tensor, v: Tensor, window_size, *rest) -> list[str]:
+def _triton_checks(inputs: WindowInputs) -> list[str]:
     try:
         from mmfast.triton import window_attention as tk
     except Exception as exc:  # noqa: BLE001 - reported as a reason, never raised
         return [f"mmfast.triton.window_attention failed to import: {exc}"]
-    reasons = list(tk.not_supported_reasons(q, k, v, window_size))
-    if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    reasons = list(tk.not_supported_reasons(inputs.q, inputs.k, inputs.v, inputs.window))
+    if inputs.q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         reasons.append("CPU tensors need TRITON_INTERPRET=1")
     return reasons
 
@@ -215,37 +230,27 @@ def flash_attn_reasons(q: Tensor, k: Tensor, v: Tensor, window, shift=(0, 0), re
     return reasons
 
 
-def _flash_checks(q: Tensor, k: Tensor, v: Tensor, window, shift=(0, 0), rel_pos_bias=None, logit_scale=None,
-                  shift_mask: bool = True, *rest) -> list[str]:
-    return flash_attn_reasons(q, k, v, window, shift, rel_pos_bias, logit_scale, shift_mask)
+def _flash_checks(inputs: WindowInputs) -> list[str]:
+    return flash_attn_reasons(inputs.q, inputs.k, inputs.v, inputs.window, inputs.shift, inputs.rel_pos_bias,
+                              inputs.logit_scale, inputs.shift_mask)
 
 
-def _process_backend(x: Tensor) -> str:
-    """The window_process backend for ``x``, chosen without any use_backend context (a context that
-    forces ``flash_attn`` must not reach the partition op)."""
-    from mmfast.ops.window_process import PROCESS
-
-    for b in registry.default_preference(x.device.type):
-        if b in PROCESS.impls and not PROCESS.reasons(b, x):
-            return b
-    return "reference"
-
-
-def _fwd_flash(q: Tensor, k: Tensor, v: Tensor, window: tuple[int, int], shift: tuple[int, int], scale: float,
-               pad_value: Tensor | None, order: str) -> Tensor:
-    """partition -> flash_attn_func -> unpartition (module docstring); differentiable."""
+def _fwd_flash(q, k, v, bias, logit_scale, pad_value, window, shift, scale, shift_mask, mask_value, pad_then_roll):
+    """partition -> flash_attn_func -> unpartition (module docstring); differentiable. Only chosen for
+    inputs without bias, logit_scale or shift mask (:func:`flash_attn_reasons`)."""
     import flash_attn
 
-    from mmfast.ops.window_process import window_partition, window_unpartition
+    from mmfast.ops.window_process import process_backend, window_partition, window_unpartition
 
+    order = "pad_roll" if pad_then_roll else "roll_pad"
     b, h, w, heads, hd = q.shape
     n = window[0] * window[1]
-    pb = _process_backend(q)
+    pb = process_backend(q, use_context=False)  # a context forcing flash_attn must not reach the partition op
     pads = (pad_value.to(q.dtype).reshape(3, heads * hd).unbind(0) if pad_value is not None else (None, None, None))
     qw, kw, vw = (window_partition(t.reshape(b, h, w, heads * hd), window, shift, order=order, pad_value=p,
                                    impl=pb).view(-1, n, heads, hd) for t, p in zip((q, k, v), pads))
     kwargs = {}
-    if _DETERMINISTIC["value"] or torch.are_deterministic_algorithms_enabled():
+    if torch.are_deterministic_algorithms_enabled():
         kwargs["deterministic"] = True  # flash-attn >= 2.4: no atomics in the dq reduction
     out = flash_attn.flash_attn_func(qw, kw, vw, dropout_p=0.0, softmax_scale=scale, causal=False, **kwargs)
     if isinstance(out, tuple):  # return_attn_probs / other versions: (out, lse, ...)
@@ -254,12 +259,25 @@ def _fwd_flash(q: Tensor, k: Tensor, v: Tensor, window: tuple[int, int], shift: 
     return out.view(b, h, w, heads, hd)
 
 
-WINDOW_FWD = register(OpSpec("window_attention",
-                             impls={"cpp": _fwd_cpp, "triton": _fwd_triton, "flash_attn": _fwd_flash,
-                                    "reference": None},
-                             checks={"cpp": _cpp_checks, "triton": _triton_checks, "flash_attn": _flash_checks},
-                             preference_fn=_preference, input_dependent=frozenset({"flash_attn"})))
-_BWD = {"cpp": _bwd_cpp, "triton": _bwd_triton}
+def _fwd_reference(q, k, v, bias, logit_scale, pad_value, window, shift, scale, shift_mask, mask_value,
+                   pad_then_roll):
+    return ref.window_attention(q, k, v, window_size=tuple(window), shift_size=tuple(shift), rel_pos_bias=bias,
+                                scale=scale, logit_scale=logit_scale, pad_value=pad_value, shift_mask=shift_mask,
+                                mask_value=mask_value, order="pad_roll" if pad_then_roll else "roll_pad")
+
+
+# Every backend's forward takes (q, k, v, rel_pos_bias, logit_scale, pad_value, window, shift, scale,
+# shift_mask, mask_value, pad_then_roll). The kernels (with a backward) run inside the custom op
+# below and return (out, lse); their backward takes (dout, q, k, v, out, lse, rel_pos_bias,
+# logit_scale, pad_value, window, shift, scale, shift_mask, mask_value, pad_then_roll, deterministic)
+# and returns (dq, dk, dv, d rel_pos_bias, d logit_scale, d pad_value). flash_attn and the reference
+# are differentiable torch: they run outside the custom op and return out.
+WINDOW = register(OpSpec("window_attention", {
+    "cpp": Backend(_fwd_cpp, _bwd_cpp, _cpp_checks),
+    "triton": Backend(_fwd_triton, _bwd_triton, _triton_checks),
+    "flash_attn": Backend(_fwd_flash, check=_flash_checks, auto=False),
+    "reference": Backend(_fwd_reference),
+}, preference_fn=_preference))
 
 
 @torch.library.custom_op("mmfast::window_attention", mutates_args=())
@@ -268,8 +286,8 @@ def window_attention_op(q: Tensor, k: Tensor, v: Tensor, rel_pos_bias: Tensor | 
                         shift_mask: bool, mask_value: float, pad_then_roll: bool, impl: str
                         ) -> tuple[Tensor, Tensor]:
     """(out [B, H, W, heads, hd] in q.dtype, lse [B, H, W, heads] fp32/fp64)."""
-    out, lse = WINDOW_FWD.impls[impl](q, k, v, rel_pos_bias, logit_scale, pad_value, window_size, shift_size, scale,
-                                      shift_mask, mask_value, pad_then_roll)
+    out, lse = WINDOW.backend(impl).forward(q, k, v, rel_pos_bias, logit_scale, pad_value, window_size, shift_size,
+                                            scale, shift_mask, mask_value, pad_then_roll)
     return out, lse
 
 
@@ -289,8 +307,8 @@ def window_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, 
     """(d qkv [B, H, W, 3, heads, hd], d rel_pos_bias, d logit_scale, d pad_value); empty tensors
     for absent inputs. One d qkv buffer: custom-op outputs may not alias each other, and the
     Triton kernel writes dq, dk, dv as views of one buffer (returned without a copy)."""
-    grads = _BWD[impl](dout, q, k, v, out, lse, rel_pos_bias, logit_scale, pad_value, window_size, shift_size, scale,
-                       shift_mask, mask_value, pad_then_roll, deterministic)
+    grads = WINDOW.backend(impl).backward(dout, q, k, v, out, lse, rel_pos_bias, logit_scale, pad_value, window_size,
+                                          shift_size, scale, shift_mask, mask_value, pad_then_roll, deterministic)
     dq, dk, dv, db, dls, dpad = grads
     base = dq._base
     if (base is not None and base is dk._base and base is dv._base and base.dim() == 6 and base.shape[3] == 3
@@ -322,13 +340,10 @@ def _setup(ctx, inputs, output):
     ctx.args = (window, shift, scale, shift_mask, mask_value, pad_then_roll, impl)
 
 
-_DETERMINISTIC = {"value": False}
-
-
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, bias, logit_scale, pad_value = ctx.saved_tensors
     window, shift, scale, shift_mask, mask_value, pad_then_roll, impl = ctx.args
-    deterministic = _DETERMINISTIC["value"] or torch.are_deterministic_algorithms_enabled()
+    deterministic = torch.are_deterministic_algorithms_enabled()
     dqkv, db, dls, dpad = window_attention_backward_op(
         dout.contiguous(), q, k, v, out, lse, bias, logit_scale, pad_value, window, shift, scale, shift_mask,
         mask_value, pad_then_roll, deterministic, impl)
@@ -340,12 +355,6 @@ def _backward(ctx, dout, dlse):
 window_attention_op.register_autograd(_backward, setup_context=_setup)
 
 
-def set_deterministic(flag: bool) -> None:
-    """Make the backward of the fused kernels reduce the bias-table gradient in a fixed order
-    (also on when torch.use_deterministic_algorithms(True) is set)."""
-    _DETERMINISTIC["value"] = bool(flag)
-
-
 def window_attention(q: Tensor, k: Tensor, v: Tensor, *, window_size, shift_size=0,
                      rel_pos_bias: Tensor | None = None, scale: float | None = None,
                      logit_scale: Tensor | None = None, pad_value: Tensor | None = None, shift_mask: bool = True,
@@ -353,19 +362,16 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, *, window_size, shift_size
     """Dispatching entry point; see :func:`mmfast.functional.window_attention` for the contract."""
     # The reference validates every argument with clear errors; every backend rejects the same inputs.
     window, shift = ref.validate_args(q, k, v, window_size, shift_size, rel_pos_bias, logit_scale, pad_value, order)
-    backend = WINDOW_FWD.select(q.device, impl, q, k, v, window, shift, rel_pos_bias, logit_scale, bool(shift_mask))
-    if backend == "flash_attn":
-        scale_f = float(scale) if scale is not None else q.shape[-1] ** -0.5
-        return _fwd_flash(q, k, v, window, shift, scale_f, pad_value, order)
-    if backend == "reference":
-        return ref.window_attention(q, k, v, window_size=window, shift_size=shift, rel_pos_bias=rel_pos_bias,
-                                    scale=scale, logit_scale=logit_scale, pad_value=pad_value, shift_mask=shift_mask,
-                                    mask_value=mask_value, order=order)
-    scale_f = float(scale) if scale is not None else q.shape[-1] ** -0.5
-    out, _ = window_attention_op(q, k, v, rel_pos_bias, logit_scale, pad_value, list(window), list(shift), scale_f,
-                                 bool(shift_mask), float(mask_value), order == "pad_roll", backend)
+    backend = WINDOW.select(WindowInputs(q, k, v, window, shift, rel_pos_bias, logit_scale, bool(shift_mask)), impl)
+    args = (q, k, v, rel_pos_bias, logit_scale, pad_value, list(window), list(shift),
+            float(scale) if scale is not None else q.shape[-1] ** -0.5, bool(shift_mask), float(mask_value),
+            order == "pad_roll")
+    entry = WINDOW.backend(backend)
+    if entry.backward is None:
+        return entry.forward(*args)
+    out, _ = window_attention_op(*args, backend)
     return out
 
 
-__all__ = ["window_attention", "set_deterministic", "set_flash_attn_policy", "flash_attn_policy",
-           "flash_attn_reasons", "FLASH_POLICIES", "WINDOW_FWD"]
+__all__ = ["window_attention", "set_flash_attn_policy", "flash_attn_policy", "flash_attn_reasons",
+           "FLASH_POLICIES", "WINDOW", "WindowInputs"]

@@ -8,10 +8,12 @@ steps from mmfast.reference.window_attention.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from mmfast.ops.registry import OpSpec, register
+from mmfast.ops.registry import Backend, Inputs, OpSpec, register
 from mmfast.reference import window_attention as ref
 
 
@@ -42,46 +44,60 @@ def _ref_reverse(windows: Tensor, hw, window, shift, pad_then_roll: bool) -> Ten
     return torch.roll(grid[:, :h, :w], shift, (1, 2)).contiguous()
 
 
+@dataclass(frozen=True)
+class ProcessInputs(Inputs):
+    """What decides the backend: the tensor to partition (or the windows to reverse)."""
+
+    x: Tensor
+
+
 def _kernel_checks(device_type: str):
-    def check(x: Tensor, *rest) -> list[str]:
+    def check(inputs: ProcessInputs) -> list[str]:
         reasons = []
         if not hasattr(torch.ops.mmfast, "window_process"):
             reasons.append("this build of mmfast._C has no window_process")
-        if x.device.type != device_type:
+        if inputs.x.device.type != device_type:
             reasons.append(f"this kernel takes {device_type.upper()} tensors")
         return reasons
 
     return check
 
 
-def _process(backend, x, window, shift, pad_then_roll, pad_value):
-    if backend == "reference":
-        return _ref_process(x, window, shift, pad_then_roll, pad_value)
+def _process(x, window, shift, pad_then_roll, pad_value):
     return torch.ops.mmfast.window_process(x, list(window), list(shift), pad_then_roll, pad_value)
 
 
-def _reverse(backend, windows, hw, window, shift, pad_then_roll):
-    if backend == "reference":
-        return _ref_reverse(windows, hw, window, shift, pad_then_roll)
+def _reverse(windows, hw, window, shift, pad_then_roll):
     return torch.ops.mmfast.window_process_reverse(windows, list(hw), list(window), list(shift), pad_then_roll)
 
 
+# forward: partition ``(x, window, shift, pad_then_roll, pad_value) -> windows``; backward: its reverse
+# ``(windows, hw, window, shift, pad_then_roll) -> x`` (each is the other's gradient, see _ProcessFn).
 # The C++ op is registered for CPU and CUDA under one name: both backends call it.
-PROCESS = register(OpSpec("window_process", impls={"cpp": _process, "cuda": _process, "reference": _process},
-                          checks={"cpp": _kernel_checks("cpu"), "cuda": _kernel_checks("cuda")}))
+PROCESS = register(OpSpec("window_process", {
+    "cpp": Backend(_process, _reverse, _kernel_checks("cpu")),
+    "cuda": Backend(_process, _reverse, _kernel_checks("cuda")),
+    "reference": Backend(_ref_process, _ref_reverse),
+}))
+
+
+def process_backend(x: Tensor, impl: str | None = None, *, use_context: bool = True) -> str:
+    """The window_process backend for ``x`` (``use_context=False``: ignore :func:`use_backend`, as an op
+    calling this one inside itself must)."""
+    return PROCESS.select(ProcessInputs(x), impl, use_context=use_context)
 
 
 class _ProcessFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, pad_value, window, shift, pad_then_roll, backend):
         ctx.meta = (x.shape[1], x.shape[2], window, shift, pad_then_roll, backend, pad_value is not None)
-        return _process(backend, x, window, shift, pad_then_roll, pad_value)
+        return PROCESS.backend(backend).forward(x, window, shift, pad_then_roll, pad_value)
 
     @staticmethod
     def backward(ctx, g):
         h, w, window, shift, pad_then_roll, backend, has_pad = ctx.meta
         g = g.contiguous()
-        dx = _reverse(backend, g, (h, w), window, shift, pad_then_roll)
+        dx = PROCESS.backend(backend).backward(g, (h, w), window, shift, pad_then_roll)
         # every padded slot holds pad_value: its gradient is the total minus what went back to x
         dpad = (g.sum((0, 1)) - dx.sum((0, 1, 2))) if has_pad else None
         return dx, dpad, None, None, None, None
@@ -91,20 +107,20 @@ class _ReverseFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, windows, hw, window, shift, pad_then_roll, backend):
         ctx.meta = (window, shift, pad_then_roll, backend)
-        return _reverse(backend, windows, hw, window, shift, pad_then_roll)
+        return PROCESS.backend(backend).backward(windows, hw, window, shift, pad_then_roll)
 
     @staticmethod
     def backward(ctx, g):
         window, shift, pad_then_roll, backend = ctx.meta
-        return _process(backend, g.contiguous(), window, shift, pad_then_roll, None), None, None, None, None, None
+        dw = PROCESS.backend(backend).forward(g.contiguous(), window, shift, pad_then_roll, None)
+        return dw, None, None, None, None, None
 
 
-def _pair(v, name: str) -> tuple[int, int]:
-    if isinstance(v, int) and not isinstance(v, bool):
-        return (v, v)
-    if isinstance(v, (tuple, list)) and len(v) == 2:
-        return (int(v[0]), int(v[1]))
-    raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+def _check_geometry(window_size, shift_size, order: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    if order not in ("roll_pad", "pad_roll"):
+        raise ValueError(f"order must be 'roll_pad' or 'pad_roll', got {order!r}")
+    window = ref.check_window(window_size)
+    return window, ref.check_shift(shift_size, window)
 
 
 def window_partition(x: Tensor, window_size, shift_size=0, *, order: str = "roll_pad",
@@ -112,13 +128,10 @@ def window_partition(x: Tensor, window_size, shift_size=0, *, order: str = "roll
     """Roll + pad + partition ``x [B, H, W, C]`` into windows ``[B * nW, Wh * Ww, C]`` in one copy."""
     if x.dim() != 4:
         raise ValueError(f"x must be channels-last [B, H, W, C], got shape {tuple(x.shape)}")
-    if order not in ("roll_pad", "pad_roll"):
-        raise ValueError(f"order must be 'roll_pad' or 'pad_roll', got {order!r}")
-    window = ref._check_window(window_size)
-    shift = ref._check_shift(_pair(shift_size, "shift_size"), window)
+    window, shift = _check_geometry(window_size, shift_size, order)
     if pad_value is not None and tuple(pad_value.shape) != (x.shape[-1],):
         raise ValueError(f"pad_value must be [C] = ({x.shape[-1]},), got {tuple(pad_value.shape)}")
-    backend = PROCESS.select(x.device, impl, x)
+    backend = process_backend(x, impl)
     return _ProcessFn.apply(x, pad_value, window, shift, order == "pad_roll", backend)
 
 
@@ -128,10 +141,7 @@ def window_unpartition(windows: Tensor, hw, window_size, shift_size=0, *, order:
     (reverse partition, crop, un-roll)."""
     if windows.dim() != 3:
         raise ValueError(f"windows must be [B*nW, Wh*Ww, C], got shape {tuple(windows.shape)}")
-    if order not in ("roll_pad", "pad_roll"):
-        raise ValueError(f"order must be 'roll_pad' or 'pad_roll', got {order!r}")
-    window = ref._check_window(window_size)
-    shift = ref._check_shift(_pair(shift_size, "shift_size"), window)
-    hw = _pair(hw, "hw")
-    backend = PROCESS.select(windows.device, impl, windows)
+    window, shift = _check_geometry(window_size, shift_size, order)
+    hw = ref.pair(hw, "hw")
+    backend = process_backend(windows, impl)
     return _ReverseFn.apply(windows, hw, window, shift, order == "pad_roll", backend)

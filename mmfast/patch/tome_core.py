@@ -16,7 +16,7 @@ from mmfast.patch import classes
 
 __all__ = ["ToMeState", "RSpec", "parse_r", "effective_r", "is_patched", "merge_tokens", "num_mergeable",
            "attention_bias", "weighted_mean", "ToMePatched", "ToMeModelMixin", "original_class",
-           "restore_class", "linear"]
+           "restore_class", "linear", "patch_model"]
 
 RSpec = int | Sequence[int] | tuple[int, float]
 
@@ -155,6 +155,22 @@ _MODEL_ATTRS = ("_tome_r_spec", "_tome_prop_attn", "_tome_trace_source")
 def restore_class(module: nn.Module) -> None:
     """Undo :func:`mmfast.patch.classes.swap_class` (tome family) and drop the attributes the patch added."""
     classes.restore_class(module, FAMILY, _BLOCK_ATTRS + _MODEL_ATTRS)
+
+
+def patch_model(model: nn.Module, blocks: Sequence[nn.Module], block_mixin: type, model_mixin: type, r: RSpec,
+                prop_attn: bool, trace_source: bool) -> None:
+    """Swap the classes of ``blocks`` and of ``model`` (which owns them) to the ToMe mixins and set
+    the schedule. ``r`` is validated before anything is touched; a block patched before keeps its r
+    until the model's ``r`` is set here."""
+    parse_r(len(blocks), r)
+    for blk in blocks:
+        classes.swap_class(blk, block_mixin)
+        if "_tome_r" not in blk.__dict__:
+            blk._tome_r = 0
+    classes.swap_class(model, model_mixin)
+    model._tome_prop_attn = prop_attn
+    model._tome_trace_source = trace_source
+    model.r = r
 
 
 class ToMeModelMixin(ToMePatched):

@@ -215,15 +215,8 @@ def apply(model: nn.Module, r: T.RSpec = 0, prop_attn: bool = True, trace_source
     visual = model.visual if is_clip else model
     _check_visual(visual)
     blocks = visual.transformer.resblocks
-    T.parse_r(len(blocks), r)  # validate before touching the model
-    for blk in blocks:
-        swap_class(blk, ToMeResidualAttentionBlockMixin)
-        if "_tome_r" not in blk.__dict__:
-            blk._tome_r = 0
-    swap_class(visual, ToMeVisionTransformerMixin)
-    visual._tome_prop_attn = prop_attn
-    visual._tome_trace_source = trace_source
-    visual.r = r
+    T.patch_model(visual, blocks, ToMeResidualAttentionBlockMixin, ToMeVisionTransformerMixin, r, prop_attn,
+                  trace_source)
     if is_clip:
         swap_class(model, ToMeCLIPMixin)
     return model

@@ -20,7 +20,6 @@ from torch.utils.checkpoint import checkpoint
 
 from mmfast import functional as MF
 from mmfast.patch import tome_core as T
-from mmfast.patch.classes import swap_class
 
 __all__ = ["apply", "tome_attention", "fused_mlp", "plain_gelu_mlp", "SIZE_AWARE_POOLS"]
 
@@ -224,13 +223,5 @@ def apply(model: VisionTransformer, r: T.RSpec = 0, prop_attn: bool = True,
         if type(blk.attn) is not Attention:
             raise TypeError(f"ToMe: block {i} has attention {_describe(blk.attn)}; only timm.layers.Attention "
                             "(exactly) can be patched")
-    T.parse_r(len(blocks), r)  # validate before touching the model
-    for blk in blocks:
-        swap_class(blk, ToMeBlockMixin)
-        if "_tome_r" not in blk.__dict__:
-            blk._tome_r = 0
-    swap_class(model, ToMeVisionTransformerMixin)
-    model._tome_prop_attn = prop_attn
-    model._tome_trace_source = trace_source
-    model.r = r
+    T.patch_model(model, blocks, ToMeBlockMixin, ToMeVisionTransformerMixin, r, prop_attn, trace_source)
     return model

@@ -93,14 +93,8 @@ def _check_clip_shapes(image_rows: Tensor, text_rows: Tensor, image_cols: Tensor
 # ------------------------------------------------------------------------------------------------ CLIP
 
 
-def clip_logits(
-    image_rows: Tensor,
-    text_rows: Tensor,
-    image_cols: Tensor,
-    text_cols: Tensor,
-    logit_scale: Tensor | float,
-    logit_bias: Tensor | float | None = None,
-) -> tuple[Tensor, Tensor]:
+def clip_logits(image_rows: Tensor, text_rows: Tensor, image_cols: Tensor, text_cols: Tensor,
+                logit_scale: Tensor | float, logit_bias: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
     """The two CLIP logit matrices of one rank.
 
     Args:
@@ -126,15 +120,8 @@ def clip_logits(
     return logits_i2t, logits_t2i
 
 
-def clip_loss(
-    image_rows: Tensor,
-    text_rows: Tensor,
-    image_cols: Tensor,
-    text_cols: Tensor,
-    logit_scale: Tensor | float,
-    logit_bias: Tensor | float | None = None,
-    label_offset: int = 0,
-) -> Tensor:
+def clip_loss(image_rows: Tensor, text_rows: Tensor, image_cols: Tensor, text_cols: Tensor,
+              logit_scale: Tensor | float, logit_bias: Tensor | float | None = None, label_offset: int = 0) -> Tensor:
     """CLIP softmax contrastive loss of one rank.
 
     Args:
@@ -158,14 +145,8 @@ def clip_loss(
     return (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2
 
 
-def clip_loss_lse(
-    image_rows: Tensor,
-    text_rows: Tensor,
-    image_cols: Tensor,
-    text_cols: Tensor,
-    logit_scale: Tensor | float,
-    logit_bias: Tensor | float | None = None,
-) -> tuple[Tensor, Tensor]:
+def clip_loss_lse(image_rows: Tensor, text_rows: Tensor, image_cols: Tensor, text_cols: Tensor,
+                  logit_scale: Tensor | float, logit_bias: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
     """Log-sum-exp of every row of the two CLIP logit matrices (what a fused kernel saves for backward).
 
     Args: as :func:`clip_logits` (rows ``(R, D)``, cols ``(N, D)``).
@@ -188,12 +169,8 @@ def clip_loss_lse(
 # ---------------------------------------------------------------------------------------------- SigLIP
 
 
-def siglip_logits(
-    image_features: Tensor,
-    text_cols: Tensor,
-    logit_scale: Tensor | float,
-    logit_bias: Tensor | float | None,
-) -> Tensor:
+def siglip_logits(image_features: Tensor, text_cols: Tensor, logit_scale: Tensor | float,
+                  logit_bias: Tensor | float | None) -> Tensor:
     """``s * image_features @ text_cols.T + b``: ``(B, D) x (N, D) -> (B, N)`` in the computation dtype."""
     _check_2d("image_features", image_features)
     _check_2d("text_cols", text_cols)
@@ -208,14 +185,8 @@ def siglip_logits(
     return logits
 
 
-def siglip_loss(
-    image_features: Tensor,
-    text_features: Tensor,
-    logit_scale: Tensor | float,
-    logit_bias: Tensor | float | None,
-    text_cols: Tensor | None = None,
-    positive_offset: int = 0,
-) -> Tensor:
+def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor | float,
+                logit_bias: Tensor | float | None, text_cols: Tensor | None = None, positive_offset: int = 0) -> Tensor:
     """SigLIP sigmoid contrastive loss of one rank (open_clip ``SigLipLoss`` semantics).
 
     Args:
@@ -264,15 +235,9 @@ def siglip_loss(
 # ---------------------------------------------------------------------------------- rank simulation
 
 
-def simulate_ranks(
-    loss_name: Literal["clip", "siglip"],
-    features_per_rank: list[tuple[Tensor, Tensor]],
-    logit_scale: Tensor | float,
-    logit_bias: Tensor | float | None,
-    *,
-    local_loss: bool = False,
-    gather_with_grad: bool = False,
-) -> list[dict[str, Any]]:
+def simulate_ranks(loss_name: Literal["clip", "siglip"], features_per_rank: list[tuple[Tensor, Tensor]],
+                   logit_scale: Tensor | float, logit_bias: Tensor | float | None, *, local_loss: bool = False,
+                   gather_with_grad: bool = False) -> list[dict[str, Any]]:
     """Simulate, in one process, every rank of an open_clip job and the gradients each rank receives.
 
     Args:

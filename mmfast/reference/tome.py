@@ -45,6 +45,7 @@ import torch
 __all__ = [
     "MERGE_MODES",
     "as_count",
+    "check_metric",
     "bipartite_soft_matching",
     "effective_r",
     "matching_indices",
@@ -75,7 +76,7 @@ def as_count(value: object, name: str) -> int:
     return out
 
 
-def _check_metric(metric: torch.Tensor) -> tuple[int, int, int]:
+def check_metric(metric: torch.Tensor) -> tuple[int, int, int]:
     if not isinstance(metric, torch.Tensor):
         raise TypeError(f"metric must be a torch.Tensor, got {type(metric).__name__}")
     if metric.dim() != 3:
@@ -115,7 +116,7 @@ def similarity_scores(
     ``metric / metric.norm(dim=-1, keepdim=True)``; row 0 is ``-inf`` if ``class_token``, column 0
     is ``-inf`` if ``distill_token``. Differentiable w.r.t. ``metric`` (the matching itself is not).
     """
-    _check_metric(metric)
+    check_metric(metric)
     m = metric / metric.norm(dim=-1, keepdim=True)
     a, b = m[:, ::2], m[:, 1::2]
     scores = a @ b.transpose(-1, -2)
@@ -147,7 +148,7 @@ def matching_indices(
     return their input unchanged (original interleaved token order), which is NOT what gathering
     with these indices would give, so kernels must special-case r == 0 the same way.
     """
-    bsz, n, _ = _check_metric(metric)
+    bsz, n, _ = check_metric(metric)
     r = effective_r(n, r, class_token, distill_token)
     n_a = (n + 1) // 2
     dev = metric.device
@@ -205,7 +206,7 @@ def bipartite_soft_matching(
     with ``metric``. The matching is computed once, here, without autograd; the callables are
     differentiable w.r.t. ``x``.
     """
-    bsz, n, _ = _check_metric(metric)
+    bsz, n, _ = check_metric(metric)
     r = effective_r(n, r, class_token, distill_token)
     if r == 0:
 

@@ -40,7 +40,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "check_shift",
+    "check_window",
     "effective_window",
+    "pair",
     "relative_position_index",
     "shift_attn_mask",
     "swinv2_coords_table",
@@ -53,7 +56,7 @@ __all__ = [
 _ORDERS = ("roll_pad", "pad_roll")
 
 
-def _pair(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:
+def pair(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:
     """Normalise an int or a pair of ints to ``(h, w)``; raise a ValueError naming ``name`` otherwise."""
     if isinstance(value, bool):
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
@@ -66,15 +69,15 @@ def _pair(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, int
     raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
 
 
-def _check_window(window_size: int | tuple[int, int]) -> tuple[int, int]:
-    window = _pair(window_size, "window_size")
+def check_window(window_size: int | tuple[int, int]) -> tuple[int, int]:
+    window = pair(window_size, "window_size")
     if min(window) < 1:
         raise ValueError(f"window_size must be >= 1 on both axes, got {window}")
     return window
 
 
-def _check_shift(shift_size: int | tuple[int, int], window: tuple[int, int]) -> tuple[int, int]:
-    shift = _pair(shift_size, "shift_size")
+def check_shift(shift_size: int | tuple[int, int], window: tuple[int, int]) -> tuple[int, int]:
+    shift = pair(shift_size, "shift_size")
     for s, w in zip(shift, window):
         if not 0 <= s < w:
             raise ValueError(f"shift_size must satisfy 0 <= shift < window on both axes, got shift "
@@ -105,11 +108,11 @@ def effective_window(
     Returns:
         ``((Wh, Ww), (sh, sw))`` to pass to :func:`window_attention`.
     """
-    feat = _pair(feat_hw, "feat_hw")
+    feat = pair(feat_hw, "feat_hw")
     if min(feat) < 1:
         raise ValueError(f"feat_hw must be >= 1 on both axes, got {feat}")
-    window = _check_window(window_size)
-    shift = _pair(shift_size, "shift_size")
+    window = check_window(window_size)
+    shift = pair(shift_size, "shift_size")
     if always_partition:
         return window, shift
     clamped = tuple(min(f, w) for f, w in zip(feat, window))
@@ -129,7 +132,7 @@ def relative_position_index(
     Returns:
         LongTensor ``[N, N]``, ``N = Wh * Ww``, values in ``[0, (2*Wh-1)*(2*Ww-1))``.
     """
-    wh, ww = _check_window(window_size)
+    wh, ww = check_window(window_size)
     ys, xs = torch.meshgrid(
         torch.arange(wh, device=device), torch.arange(ww, device=device), indexing="ij"
     )
@@ -150,7 +153,7 @@ def window_partition(x: Tensor, window_size: int | tuple[int, int]) -> Tensor:
         ``[B, nW, N, *rest]`` with ``nW = (Hp // Wh) * (Wp // Ww)`` windows in row-major order and
         ``N = Wh * Ww`` tokens per window in row-major order (timm's order, with B kept apart).
     """
-    wh, ww = _check_window(window_size)
+    wh, ww = check_window(window_size)
     if x.dim() < 3:
         raise ValueError(f"x must be [B, H, W, ...], got shape {tuple(x.shape)}")
     b, hp, wp = x.shape[:3]
@@ -173,8 +176,8 @@ def window_reverse(windows: Tensor, window_size: int | tuple[int, int], padded_h
     Returns:
         ``[B, Hp, Wp, *rest]``.
     """
-    wh, ww = _check_window(window_size)
-    hp, wp = _pair(padded_hw, "padded_hw")
+    wh, ww = check_window(window_size)
+    hp, wp = pair(padded_hw, "padded_hw")
     if hp % wh or wp % ww:
         raise ValueError(f"padded_hw {(hp, wp)} is not a multiple of window_size {(wh, ww)}")
     b, nw, n = windows.shape[:3]
@@ -221,9 +224,9 @@ def shift_attn_mask(
     Returns:
         ``[nW, N, N]`` in ``dtype``, windows and tokens in :func:`window_partition` order.
     """
-    window = _check_window(window_size)
-    shift = _check_shift(shift_size, window)
-    hp, wp = _pair(padded_hw, "padded_hw")
+    window = check_window(window_size)
+    shift = check_shift(shift_size, window)
+    hp, wp = pair(padded_hw, "padded_hw")
     if hp < 1 or wp < 1 or hp % window[0] or wp % window[1]:
         raise ValueError(f"padded_hw {(hp, wp)} must be positive multiples of window_size {window}")
     region_h = _axis_regions(hp, window[0], shift[0], device)
@@ -252,8 +255,8 @@ def swinv2_coords_table(
     Returns:
         ``[2*Wh-1, 2*Ww-1, 2]``, dy-major like the bias table.
     """
-    wh, ww = _check_window(window_size)
-    pretrained = _pair(pretrained_window_size, "pretrained_window_size")
+    wh, ww = check_window(window_size)
+    pretrained = pair(pretrained_window_size, "pretrained_window_size")
     norm_h, norm_w = pretrained if pretrained[0] > 0 else (wh, ww)
     dy = torch.arange(-(wh - 1), wh, device=device, dtype=torch.float32)
     dx = torch.arange(-(ww - 1), ww, device=device, dtype=torch.float32)
@@ -350,8 +353,8 @@ def validate_args(
 ) -> tuple[tuple[int, int], tuple[int, int]]:
     """Check every argument of :func:`window_attention` (ValueError naming the argument); return
     the (window, shift) pairs. Kernels reuse this so that every backend rejects the same inputs."""
-    window = _check_window(window_size)
-    shift = _check_shift(shift_size, window)
+    window = check_window(window_size)
+    shift = check_shift(shift_size, window)
     _validate(q, k, v, window, rel_pos_bias, logit_scale, pad_value, order)
     return window, shift
 
@@ -404,8 +407,8 @@ def window_attention(
     Returns:
         ``[B, H, W, heads, head_dim]`` in q's dtype, in the original (un-shifted, cropped) layout.
     """
-    window = _check_window(window_size)
-    shift = _check_shift(shift_size, window)
+    window = check_window(window_size)
+    shift = check_shift(shift_size, window)
     _validate(q, k, v, window, rel_pos_bias, logit_scale, pad_value, order)
     b, h, w, heads, head_dim = q.shape
     out_dtype = q.dtype

@@ -61,7 +61,7 @@ def fused_ops_status(device_type: str = "cpu") -> dict[str, str]:
     from mmfast.ops import registry
 
     names = {"window_attention": "window_attention", "bipartite_soft_matching": "tome_match",
-             "merge_wavg": "tome_merge_wavg", "clip/siglip loss": "contrastive_softmax_fwd"}
+             "merge_wavg": "tome_merge_wavg", "clip/siglip loss": "contrastive_softmax"}
     return {k: registry.get(v).auto_backend(device_type) for k, v in names.items()}
 
 

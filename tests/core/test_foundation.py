@@ -63,19 +63,93 @@ def test_import_without_extension_falls_back_with_one_warning():
 
 
 def test_forced_backend_errors_and_context():
-    spec = registry.get("contrastive_softmax_fwd")
+    from mmfast.ops.contrastive import TileInputs
+
+    spec = registry.get("contrastive_softmax")
+    x = TileInputs(torch.zeros(1, 1), torch.zeros(1, 1))
     with pytest.raises(ValueError, match="impl must be one of"):
-        spec.select(torch.device("cpu"), "nope", torch.zeros(1, 1), torch.zeros(1, 1))
+        spec.select(x, "nope")
+    with pytest.raises(ValueError, match="no mmfast op named 'nope'"):
+        registry.get("nope")
     with pytest.raises(ValueError, match="backend must be one of"):
         with mmfast.use_backend("fast"):
             pass
     with mmfast.use_backend("reference"):
-        assert spec.select(torch.device("cpu"), None, torch.zeros(1, 1), torch.zeros(1, 1)) == "reference"
+        assert spec.select(x) == "reference"
+        assert spec.select(x, use_context=False) == spec.auto_backend("cpu")
         # an explicit impl= wins over the context
         if _ext.has_cpp():
-            assert spec.select(torch.device("cpu"), "cpp", torch.zeros(1, 1), torch.zeros(1, 1)) == "cpp"
+            assert spec.select(x, "cpp") == "cpp"
     with mmfast.use_backend("reference", ops=["window_attention"]):
-        assert spec.select(torch.device("cpu"), None, torch.zeros(1, 1), torch.zeros(1, 1)) == spec.auto_backend("cpu")
+        assert spec.select(x) == spec.auto_backend("cpu")
+    assert spec.select(x, "auto") == spec.select(x, None) == spec.auto_backend("cpu")
+
+
+def test_backend_table_is_data_and_errors_show_inputs_and_reasons():
+    """An op is a table: each entry says how to run it and what it takes; a forced backend that
+    cannot take the inputs raises an error showing them and every backend's reasons."""
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class Two(registry.Inputs):
+        x: torch.Tensor
+        flag: bool
+
+    def only_fp64(inp):
+        return [] if inp.x.dtype == torch.float64 else [f"takes float64, not {inp.x.dtype}"]
+
+    spec = registry.OpSpec("test_table_op", {
+        "cpp": registry.Backend(lambda x: x + 1, lambda g: g, only_fp64),
+        "reference": registry.Backend(lambda x: x + 1),
+    })
+    x32, x64 = Two(torch.zeros(2, 3), True), Two(torch.zeros(2, 3, dtype=torch.float64), False)
+    assert x32.device == torch.device("cpu")
+    assert x32.describe() == "x=float32[2, 3] on cpu, flag=True"
+    assert spec.reasons("cpp", x32) == ([_ext.backends()["cpp"]["detail"]] if not _ext.has_cpp()
+                                        else ["takes float64, not torch.float32"])
+    assert spec.reasons("triton", x32) == ["test_table_op has no triton backend"]
+    if _ext.has_cpp():
+        assert spec.select(x64) == "cpp"
+        with pytest.raises(RuntimeError, match=r"^test_table_op: impl='cpp' cannot run these inputs\. "
+                                               r"inputs: x=float32\[2, 3\] on cpu, flag=True; backends: "
+                                               r"cpp: takes float64, not torch\.float32 \| reference: can run$"):
+            spec.select(x32, "cpp")
+    assert spec.select(x32) == "reference"  # a check that fails passes the backend over, no error
+    with pytest.raises(ValueError, match=r"impl='triton' is not a backend of this op \(it has cpp, reference\)"):
+        spec.select(x32, "triton")
+    with pytest.raises(ValueError, match="test_table_op has no cuda backend"):
+        spec.backend("cuda")
+    with pytest.raises(ValueError, match="needs a reference backend"):
+        registry.OpSpec("no_ref", {"cpp": registry.Backend(lambda x: x)})
+    with pytest.raises(ValueError, match="backend name must be one of"):
+        registry.OpSpec("bad_name", {"fast": registry.Backend(lambda x: x), "reference": registry.Backend(lambda x: x)})
+    with pytest.raises(ValueError, match="registered twice"):
+        registry.register(registry.OpSpec("window_attention", {"reference": registry.Backend(lambda x: x)}))
+    with pytest.raises(TypeError, match="holds no tensor"):
+        _ = Two(1, True).device
+
+
+def test_reference_fallback_warns_only_when_a_backend_is_missing():
+    """The one-time warning says the install lacks a kernel; a backend passed over because of the
+    inputs (e.g. a gradient the kernel cannot give) is not worth a warning."""
+    import warnings
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class One(registry.Inputs):
+        x: torch.Tensor
+
+    spec = registry.OpSpec("test_warn_op", {
+        "cpp": registry.Backend(lambda x: x, check=lambda inp: ["never"]),
+        "reference": registry.Backend(lambda x: x),
+    })
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        if _ext.has_cpp():
+            assert spec.select(One(torch.zeros(1))) == "reference"  # cpp is there, its check said no
+    if not _ext.has_cpp():
+        with pytest.warns(RuntimeWarning, match="test_warn_op runs the pure-torch reference on cpu"):
+            spec.select(One(torch.zeros(1)))
 
 
 def test_triton_package_is_inside_the_namespace(tmp_path):

@@ -574,7 +574,7 @@ def test_proportional_attention_dispatch_and_grad_fallback():
     from mmfast import functional as MF
 
     with torch.no_grad():
-        assert mt.ATTENTION.select(qkv.device, None, qkv, ls, 2) == "cpp"
+        assert mt.ATTENTION.select(mt.AttnInputs(qkv, ls, 2, False)) == "cpp"
         want = torch.ops.mmfast.tome_attention(qkv, ls, 2, 8 ** -0.5)
         assert torch.equal(MF.proportional_attention(qkv, ls, 2), want)
         assert torch.equal(MF.proportional_attention(qkv, ls, 2, impl="reference"), _attn_ref(qkv, ls, 2, 8 ** -0.5))

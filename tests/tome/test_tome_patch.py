@@ -20,6 +20,7 @@ destination) measured 2.4e-4 and 6.6e-4, two orders of magnitude above the numer
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -560,13 +561,13 @@ def test_cpu_inference_uses_the_fused_attention_kernel(monkeypatch, fused):
     from mmfast.ops import tome as mt
 
     calls = []
-    real = mt.ATTENTION.impls["cpp"]
+    entry = mt.ATTENTION.backend("cpp")
 
     def counting(*args):
         calls.append(args[0].shape)
-        return real(*args)
+        return entry.forward(*args)
 
-    monkeypatch.setitem(mt.ATTENTION.impls, "cpp", counting)
+    monkeypatch.setitem(mt.ATTENTION.backends, "cpp", dataclasses.replace(entry, forward=counting))
     model = tiny_vit(depth=4)
     for blk in model.blocks:
         blk.attn.fused_attn = fused
@@ -589,8 +590,9 @@ def test_open_clip_cpu_inference_uses_the_fused_attention_kernel(monkeypatch):
     from mmfast.ops import tome as mt
 
     calls = []
-    real = mt.ATTENTION.impls["cpp"]
-    monkeypatch.setitem(mt.ATTENTION.impls, "cpp", lambda *a: calls.append(1) or real(*a))
+    entry = mt.ATTENTION.backend("cpp")
+    monkeypatch.setitem(mt.ATTENTION.backends, "cpp",
+                        dataclasses.replace(entry, forward=lambda *a: calls.append(1) or entry.forward(*a)))
     torch.manual_seed(0)
     visual = tiny_open_clip()
     img = torch.randn(2, 3, 32, 32)

@@ -23,6 +23,7 @@ dtype (the reference run on the same low-precision inputs) + a few-ulp floor.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 
 import pytest
@@ -60,11 +61,10 @@ def backend_calls(monkeypatch):
 
         return wrapper
 
-    for name, fn in list(wa_ops.WINDOW_FWD.impls.items()):
-        if fn is not None:
-            monkeypatch.setitem(wa_ops.WINDOW_FWD.impls, name, spy(fn, f"{name}-fwd"))
-    for name, fn in list(wa_ops._BWD.items()):
-        monkeypatch.setitem(wa_ops._BWD, name, spy(fn, f"{name}-bwd"))
+    for name, entry in list(wa_ops.WINDOW.backends.items()):
+        backward = None if entry.backward is None else spy(entry.backward, f"{name}-bwd")
+        monkeypatch.setitem(wa_ops.WINDOW.backends, name,
+                            dataclasses.replace(entry, forward=spy(entry.forward, f"{name}-fwd"), backward=backward))
     return counts
 
 

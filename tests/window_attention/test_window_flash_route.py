@@ -51,8 +51,7 @@ def _fake_flash_module(calls: list, with_func: bool = True) -> types.ModuleType:
 def _policy(monkeypatch):
     # every test starts from the documented default and leaves the module as it found it
     monkeypatch.setitem(wa._FLASH_POLICY, "value", "auto")
-    monkeypatch.setitem(wa._DETERMINISTIC, "value", False)
-    monkeypatch.setattr(wa.WINDOW_FWD, "_warned", wa.WINDOW_FWD._warned)  # the one-time CPU reference warning
+    monkeypatch.setattr(wa.WINDOW, "_warned", wa.WINDOW._warned)  # the one-time CPU reference warning
 
 
 @pytest.fixture
@@ -119,8 +118,12 @@ def test_forced_flash_route_matches_reference(fake_flash, hw, window, shifted, o
 def test_fused_qkv_views_scale_and_deterministic(fake_flash, monkeypatch):
     q, k, v, pad_value, leaves = _inputs((9, 11), heads=2, hd=16, fused=True)
     kw = dict(window_size=(4, 5), shift_size=(2, 1), pad_value=pad_value, scale=0.3, shift_mask=False)
-    monkeypatch.setitem(wa._DETERMINISTIC, "value", True)
-    out = mmfast.functional.window_attention(q, k, v, impl="flash_attn", **kw)
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        out = mmfast.functional.window_attention(q, k, v, impl="flash_attn", **kw)
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
     want = ref.window_attention(q, k, v, **kw)
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
     gout = torch.randn_like(out)
@@ -156,7 +159,7 @@ def test_use_backend_context_forces_only_the_attention(fake_flash):
 def _select(q, k, v, window=(7, 7), shift=(0, 0), bias=None, logit_scale=None, shift_mask=True):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the one-time "runs the reference on CPU" warning
-        return wa.WINDOW_FWD.select(q.device, None, q, k, v, window, shift, bias, logit_scale, shift_mask)
+        return wa.WINDOW.select(wa.WindowInputs(q, k, v, window, shift, bias, logit_scale, shift_mask))
 
 
 def test_auto_dispatch_follows_policy_and_inputs(fake_flash, monkeypatch):
@@ -186,7 +189,7 @@ def test_auto_dispatch_follows_policy_and_inputs(fake_flash, monkeypatch):
     assert len(fake_flash) == 1
     torch.testing.assert_close(out, ref.window_attention(q, k, v, window_size=7), rtol=1e-12, atol=1e-12)
     # auto_backend (no inputs to check) never reports the input-dependent flash_attn
-    assert wa.WINDOW_FWD.auto_backend("cpu") == CPU_DEFAULT
+    assert wa.WINDOW.auto_backend("cpu") == CPU_DEFAULT
     # device types outside _FLASH_DEVICE_TYPES never see it
     monkeypatch.setattr(wa, "_FLASH_DEVICE_TYPES", ("cuda",))
     assert _select(q, k, v) == CPU_DEFAULT
@@ -196,7 +199,7 @@ def test_auto_dispatch_follows_policy_and_inputs(fake_flash, monkeypatch):
     assert _select(q, k, v) == CPU_DEFAULT
     monkeypatch.setitem(registry._STATUS, "cpp", "disabled for this test")
     assert _select(q, k, v) == "reference"
-    assert wa.WINDOW_FWD.select(q.device, "flash_attn", q, k, v, (7, 7), (0, 0), None, None, True) == "flash_attn"
+    assert wa.WINDOW.select(wa.WindowInputs(q, k, v, (7, 7), (0, 0), None, None, True), "flash_attn") == "flash_attn"
     with pytest.raises(ValueError, match="policy must be one of"):
         wa.set_flash_attn_policy("sometimes")
 
@@ -235,7 +238,8 @@ def test_forced_flash_route_errors_name_the_reason(fake_flash, monkeypatch, kind
         monkeypatch.setattr(wa, "_FLASH_DTYPES", (torch.float16, torch.bfloat16))
     elif kind == "device":
         monkeypatch.setattr(wa, "_FLASH_DEVICE_TYPES", ("cuda",))
-    with pytest.raises(RuntimeError, match=r"impl='flash_attn' cannot run here: .*" + match):
+    with pytest.raises(RuntimeError,
+                       match=r"impl='flash_attn' cannot run these inputs\. inputs: q=.*\| flash_attn: .*" + match):
         mmfast.functional.window_attention(q, k, v, impl="flash_attn", **kw)
     assert not fake_flash
 
@@ -267,7 +271,8 @@ def test_unavailable_without_the_package(monkeypatch):
     assert b == {"available": False, "detail": detail}
     monkeypatch.setitem(registry._STATUS, "flash_attn", detail)
     q, k, v, _, _ = _inputs((7, 7), b=1, pad=False)
-    with pytest.raises(RuntimeError, match=r"impl='flash_attn' cannot run here: flash_attn is not installed"):
+    with pytest.raises(RuntimeError,
+                       match=r"impl='flash_attn' cannot run these inputs.* flash_attn: flash_attn is not installed"):
         mmfast.functional.window_attention(q, k, v, window_size=7, impl="flash_attn")
     # "always" with no flash_attn: auto quietly uses the others
     monkeypatch.setitem(wa._FLASH_POLICY, "value", "always")

@@ -35,8 +35,8 @@ def calibrate_compute(
     repeats: int = 5,
     impl: str | None = None,
 ) -> ComputeRates:
-    """Measure :class:`ComputeRates` here: mmfast's softmax tile kernels (``contrastive_softmax_fwd`` /
-    ``_bwd`` through :mod:`mmfast.ops.contrastive`, the backend ``impl`` or the default one) on an
+    """Measure :class:`ComputeRates` here: mmfast's softmax tile kernels (the ``contrastive_softmax`` op's
+    forward and backward, through :mod:`mmfast.ops.contrastive`, the backend ``impl`` or the default one) on an
     ``m x n`` tile of dimension ``d``, a ``torch.matmul`` of the same shape and an elementwise pass.
     Median of ``repeats`` timed calls each, after one warm-up call."""
     import torch

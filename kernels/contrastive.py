@@ -58,31 +58,14 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 
-from ._device import on_tensor_device
-
-try:
-    import triton
-    import triton.language as tl
-
-    _TRITON_ERROR: str | None = None
-    _jit = triton.jit
-except ImportError as _exc:  # the module still imports; not_supported_reasons says why it cannot run
-    triton = None
-    _TRITON_ERROR = f"triton is not installed ({_exc})"
-
-    class _NoTriton:
-        constexpr = object
-
-    tl = _NoTriton()
-
-    def _jit(fn):
-        return fn
-
+from ._device import TRITON_ERROR as _TRITON_ERROR
+from ._device import interpreting as _interpreting
+from ._device import jit as _jit
+from ._device import on_tensor_device, tl, triton
 
 __all__ = [
     "ContrastiveConfig",
@@ -409,10 +392,6 @@ class ContrastiveConfig:
     num_stages: int
     target_programs: int
     max_splits: int
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @functools.cache

@@ -36,18 +36,11 @@ interpreter (``TRITON_INTERPRET=1``; bf16 is computed wrongly there). See the
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from ._device import on_tensor_device
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - reported by the *_not_supported_reasons functions
-    triton = None
-    tl = None
+from ._device import interpreting as _interpreted
+from ._device import jit as _jit
+from ._device import on_tensor_device, tl, triton
 
 __all__ = [
     "not_supported_reasons",
@@ -72,9 +65,6 @@ _MODE_IDS = {"sum": 1, "prod": 2, "mean": 3, "amax": 4, "amin": 5}
 #: The modes of :func:`tome_merge` (those of ``mmfast.reference.tome.MERGE_MODES``; a test holds them equal).
 MERGE_MODES = tuple(_MODE_IDS)
 
-
-def _jit(fn):
-    return triton.jit(fn) if triton is not None else fn
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -339,10 +329,6 @@ def _tome_merge_wavg_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------
 # What the kernels support, and argument checks
 # ----------------------------------------------------------------------------------------------------
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _tensor_reasons(name: str, t: torch.Tensor | None) -> list[str]:

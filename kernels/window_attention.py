@@ -58,22 +58,13 @@ to a power of two, at least 16, with masks), no float64.
 from __future__ import annotations
 
 import os
-from types import SimpleNamespace
 
 import torch
 from torch import Tensor
 
-from ._device import on_tensor_device
-
-try:
-    import triton
-    import triton.language as tl
-
-    _TRITON_ERROR: str | None = None
-except ImportError as _exc:  # pragma: no cover - importing this module must not need triton
-    _TRITON_ERROR = f"triton is not installed ({_exc})"
-    triton = SimpleNamespace(jit=lambda fn: fn)
-    tl = SimpleNamespace(constexpr=None)
+from ._device import TRITON_ERROR as _TRITON_ERROR
+from ._device import interpreting as _interpreting
+from ._device import jit, on_tensor_device, tl, triton
 
 __all__ = [
     "MAX_HEAD_DIM",
@@ -100,7 +91,7 @@ _DETERMINISTIC_PART_BYTES = 256 << 20  # cap on the per-program partial bias buf
 # Triton kernels
 
 
-@triton.jit
+@jit
 def _window_tokens(blk, win, NWIN, NWW, H, W, HP, WP, SH, SW,
                    WH: tl.constexpr, WW: tl.constexpr, BLOCK: tl.constexpr, PAD_ROLL: tl.constexpr):
     """Token block ``blk`` of global window ``win`` (= batch * NWIN + window).
@@ -130,7 +121,7 @@ def _window_tokens(blk, win, NWIN, NWW, H, W, HP, WP, SH, SW,
     return b, valid, real, pad, iy, ix, py, px, sy, sx
 
 
-@triton.jit
+@jit
 def _region(py, px, HP, WP, SH, SW, WH: tl.constexpr, WW: tl.constexpr,
             MASK_H: tl.constexpr, MASK_W: tl.constexpr):
     """Shift-mask region id of grid positions, as ``shift_attn_mask`` lays them out."""
@@ -142,12 +133,12 @@ def _region(py, px, HP, WP, SH, SW, WH: tl.constexpr, WW: tl.constexpr,
     return r
 
 
-@triton.jit
+@jit
 def _row_offsets(b, sy, sx, head, s_b, s_h, s_w, s_n):
     return b.to(tl.int64) * s_b + sy.to(tl.int64) * s_h + sx.to(tl.int64) * s_w + head.to(tl.int64) * s_n
 
 
-@triton.jit
+@jit
 def _load_rows(ptr, row_off, s_d, real, pad, pad_ptr, s_pd, d, dmask, HAS_PAD: tl.constexpr):
     """[BLOCK, BLOCK_D] fp32 tile: memory rows for real tokens, pad_value for padded ones, 0 else."""
     x = tl.load(ptr + row_off[:, None] + d[None, :] * s_d, mask=real[:, None] & dmask[None, :], other=0.0)
@@ -158,14 +149,14 @@ def _load_rows(ptr, row_off, s_d, real, pad, pad_ptr, s_pd, d, dmask, HAS_PAD: t
     return x
 
 
-@triton.jit
+@jit
 def _inv_norm(x):
     """(norm, 1 / max(norm, eps)) of each row, eps = 1e-12 as in F.normalize."""
     nrm = tl.sqrt(tl.sum(x * x, axis=1))
     return nrm, 1.0 / tl.maximum(nrm, 1e-12)
 
 
-@triton.jit
+@jit
 def _norm_bwd(x, g, nrm, inv):
     """Gradient of ``x / max(|x|, eps)`` (rows) given the gradient ``g`` of the normalised rows."""
     xg = tl.sum(x * g, axis=1)
@@ -173,7 +164,7 @@ def _norm_bwd(x, g, nrm, inv):
     return g * inv[:, None] - corr[:, None] * x
 
 
-@triton.jit
+@jit
 def _logits(q, k, inv_q, inv_k, mult, q_iy, q_ix, k_iy, k_ix, q_valid, k_valid, q_reg, k_reg,
             bias_ptr, s_bt, mask_value,
             WH: tl.constexpr, WW: tl.constexpr, COSINE: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -196,7 +187,7 @@ def _logits(q, k, inv_q, inv_k, mult, q_iy, q_ix, k_iy, k_ix, q_valid, k_valid, 
     return s, cos
 
 
-@triton.jit
+@jit
 def _fwd_kernel(
     Q, K, V, BIAS, LS, PADV, OUT, LSE,
     sq_b, sq_h, sq_w, sq_n, sq_d,
@@ -260,7 +251,7 @@ def _fwd_kernel(
     tl.store(LSE + l_off, m_i + tl.log(l_i), mask=q_real)
 
 
-@triton.jit
+@jit
 def _bwd_delta_kernel(
     DO, OUT, DELTA, n_rows, H, W, HEADS, HEAD_DIM,
     sdo_b, sdo_h, sdo_w, sdo_n, sdo_d,
@@ -285,7 +276,7 @@ def _bwd_delta_kernel(
     tl.store(DELTA + rows, tl.sum(do * o, axis=1), mask=rmask)
 
 
-@triton.jit
+@jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, BIAS, LS, PADV, DK, DV, DBIAS, DLS, DPAD,
     sq_b, sq_h, sq_w, sq_n, sq_d,
@@ -415,7 +406,7 @@ def _bwd_dkdv_kernel(
             tl.atomic_add(pv_ptrs, dpv_acc)
 
 
-@triton.jit
+@jit
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, BIAS, LS, PADV, DQ,
     sq_b, sq_h, sq_w, sq_n, sq_d,
@@ -484,7 +475,7 @@ def _bwd_dq_kernel(
     tl.store(DQ + dq_off[:, None] + d[None, :], dq.to(DQ.dtype.element_ty), mask=q_real[:, None] & dmask[None, :])
 
 
-@triton.jit
+@jit
 def _dbias_reduce_kernel(
     PART, OUT, HEADS,
     WH: tl.constexpr, WW: tl.constexpr, WH2: tl.constexpr, WW2: tl.constexpr, NP: tl.constexpr,
@@ -519,10 +510,6 @@ def _pair(value, name: str) -> tuple[int, int] | None:
     ):
         return int(value[0]), int(value[1])
     return None
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _check_param(name: str, t, shape: tuple[int, ...], q: Tensor, reasons: list[str]) -> None:

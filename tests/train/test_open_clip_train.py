@@ -230,7 +230,7 @@ BAD = [
     (("--mmfast-tome-r=",), "--mmfast-tome-r expects a value"),
     (("--mmfast-window-attention",), "--mmfast-window-attention does not apply to model"),
     (("--mmfast-window-attention=1",), "--mmfast-window-attention takes no value"),
-    (("--mmfast-impl", "fast"), "--mmfast-impl must be one of auto, cpp, triton, cuda, reference"),
+    (("--mmfast-impl", "fast"), "--mmfast-impl must be one of auto, cpp, triton, reference"),
     (("--mmfast-gruop-size", "2"), "unknown flag --mmfast-gruop-size"),
     (("--mmfast-loss", "open_clip", "--mmfast-group-size", "1"), "cannot be used with --mmfast-loss open_clip"),
     (("--siglip", "--loss-dist-impl", "ring"), "--loss-dist-impl must be one of bidir, shift, reduce, gather"),

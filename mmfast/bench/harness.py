@@ -22,12 +22,13 @@ baseline. A provider that raises gets a result row with ``error`` set, and the o
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import statistics
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -43,6 +44,8 @@ __all__ = [
     "compare",
     "time_providers",
     "max_abs_diff",
+    "grad_step",
+    "mmfast_backend",
 ]
 
 
@@ -314,3 +317,27 @@ def compare(
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return [results[p.name] for p in providers]
+
+
+def grad_step(fn: Callable[..., torch.Tensor], *args: torch.Tensor | None,
+              grad_output: torch.Tensor | None = None) -> Callable[[], tuple[torch.Tensor, ...]]:
+    """A provider's timed forward + backward: ``fn(*args)``, then ``torch.autograd.grad`` of its output
+    (against ``grad_output``; None: a scalar output) with respect to every argument that is not None.
+    The callable returns ``(output.detach(), *grads)``, so nothing accumulates between calls."""
+    leaves = [t for t in args if t is not None]
+
+    def step() -> tuple[torch.Tensor, ...]:
+        out = fn(*args)
+        grads = torch.autograd.grad(out, leaves, grad_output)
+        return (out.detach(), *grads)
+
+    return step
+
+
+@contextlib.contextmanager
+def mmfast_backend(impl: str) -> Iterator[None]:
+    """``mmfast.use_backend(impl)``, importing mmfast only when a provider runs."""
+    import mmfast
+
+    with mmfast.use_backend(impl):
+        yield

@@ -15,7 +15,7 @@ import platform
 import shlex
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,8 @@ from mmfast.bench.harness import BenchResult
 __all__ = [
     "csv_list",
     "save_figure",
+    "short_dtype",
+    "write_summary_and_figure",
     "CSV_FIELDS",
     "cpu_model",
     "write_csv",
@@ -297,3 +299,27 @@ def save_figure(fig: Any, path: Path, title: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     return path
+
+
+def short_dtype(name: str) -> str:
+    """A dtype name as the configuration texts write it: fp32, bf16, fp16 (any other name as it is)."""
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(name, name)
+
+
+def write_summary_and_figure(case: str, results: Sequence[BenchResult], out_dir: str | os.PathLike[str], opts: Any,
+                             summary: Callable[..., str], summary_title: str,
+                             figure: Callable[..., Path], figure_title: str) -> list[Path]:
+    """A case's ``finalize``: ``summary(results, title)`` to ``<out>/<case>_summary_<tag>.md`` and
+    ``figure(results, path, title=...)`` to ``<out>/<case>_<tag>.png`` (``tag``: the device type,
+    ``_quick`` added for ``--quick``; ``{device}`` in the titles is the device type); returns
+    ``[png, md]``, or nothing with ``--no-plot`` or no results."""
+    if getattr(opts, "no_plot", False) or not results:
+        return []
+    device = torch.device(results[0].device).type
+    tag = f"{device}{'_quick' if getattr(opts, 'quick', False) else ''}"
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md = out / f"{case}_summary_{tag}.md"
+    md.write_text(summary(results, summary_title.format(device=device)))
+    png = figure(results, out / f"{case}_{tag}.png", title=figure_title.format(device=device))
+    return [png, md]

@@ -4,7 +4,8 @@ registers it with :func:`register_case`; :func:`available_cases` imports them al
 A case says which configurations to run (``configs``: CPU or GPU shapes, ``--quick`` ones), which
 providers compute it (``providers``: the baseline and the implementations under test), and may add its
 own command-line options (``add_arguments``) and write extra outputs after the run (``finalize``,
-e.g. a plot).
+e.g. a plot). The options several cases share (``--impl``, ``--shapes`` / ``--dtype``) are read and
+checked by the helpers below :class:`BenchCase`.
 """
 
 from __future__ import annotations
@@ -16,9 +17,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mmfast.bench.harness import BenchResult, Provider
+import torch
 
-__all__ = ["BenchCase", "CaseUnavailable", "available_cases", "get_case", "register_case"]
+from mmfast.bench.harness import BenchResult, Provider
+from mmfast.bench.report import csv_list
+
+__all__ = ["BenchCase", "CaseUnavailable", "add_impl_argument", "available_cases", "check_choices",
+           "checked_dtype", "get_case", "register_case", "shape_set"]
 
 
 class CaseUnavailable(RuntimeError):
@@ -63,6 +68,34 @@ class BenchCase:
     def finalize(self, results: list[BenchResult], out_dir: Path, opts: argparse.Namespace) -> list[Path]:
         """Write extra outputs (plots) for the whole run; return their paths."""
         return []
+
+
+def add_impl_argument(parser: argparse.ArgumentParser, impls: Sequence[str]) -> None:
+    """``--impl``: the comma-separated mmfast ``impl=`` values (out of ``impls``), one provider each."""
+    parser.add_argument("--impl", default="auto",
+                        help=f"comma-separated mmfast impl= values, one provider each ({', '.join(impls)})")
+
+
+def check_choices(flag: str, text: str | None, allowed: Sequence[str], expected: str = "one of") -> None:
+    """Raise :class:`CaseUnavailable` for a value of the comma-separated option ``flag`` not in ``allowed``."""
+    for value in csv_list(str, text):
+        if value not in allowed:
+            raise CaseUnavailable(f"{flag} {value!r}: expected {expected} {', '.join(allowed)}")
+
+
+def checked_dtype(name: str) -> str:
+    """``name`` if it names a torch dtype (``--dtype``), else :class:`CaseUnavailable`."""
+    if not isinstance(getattr(torch, name, None), torch.dtype):
+        raise CaseUnavailable(f"--dtype {name!r} is not a torch dtype")
+    return name
+
+
+def shape_set(device: str, opts: argparse.Namespace, gpu_dtype: str) -> tuple[bool, str]:
+    """``(gpu, dtype)`` of a case with a CPU and a GPU shape set: whether ``--shapes`` (``auto``, ``cpu``
+    or ``gpu``; ``auto``: by device) picks the GPU set, and ``--dtype`` (default ``gpu_dtype`` on the
+    GPU set, float32 on the CPU one), checked."""
+    gpu = torch.device(device).type == "cuda" if opts.shapes == "auto" else opts.shapes == "gpu"
+    return gpu, checked_dtype(opts.dtype or (gpu_dtype if gpu else "float32"))
 
 
 _REGISTRY: dict[str, BenchCase] = {}

@@ -28,8 +28,15 @@ from typing import Any
 
 import torch
 
-from mmfast.bench.cases import BenchCase, CaseUnavailable, register_case
-from mmfast.bench.harness import BenchResult, Provider
+from mmfast.bench.cases import (
+    BenchCase,
+    CaseUnavailable,
+    add_impl_argument,
+    check_choices,
+    checked_dtype,
+    register_case,
+)
+from mmfast.bench.harness import BenchResult, Provider, grad_step
 from mmfast.bench.report import csv_list, save_figure
 
 __all__ = ["ContrastiveCase", "LossCase", "open_clip_loss_module", "plot_memory_vs_n", "selected"]
@@ -114,11 +121,7 @@ class LossCase(BenchCase):
             default=None,
             help="comma-separated dtypes (default float32 on CPU, float32,bfloat16 on GPU)",
         )
-        parser.add_argument(
-            "--impl",
-            default="auto",
-            help=f"comma-separated mmfast impl= values, one provider each ({', '.join(IMPLS)})",
-        )
+        add_impl_argument(parser, IMPLS)
         parser.add_argument(
             "--scale",
             type=float,
@@ -132,9 +135,7 @@ class LossCase(BenchCase):
         """Fail clearly if ``mmfast.<cls>`` is missing; note (and skip) open_clip when it is missing."""
         wanted = getattr(opts, "providers", None)
         notes: list[str] = []
-        for impl in csv_list(str, opts.impl):
-            if impl not in IMPLS:
-                raise CaseUnavailable(f"--impl {impl!r}: expected one of {', '.join(IMPLS)}")
+        check_choices("--impl", opts.impl, IMPLS)
         if any(selected(f"mmfast[{i}]", wanted) for i in csv_list(str, opts.impl)):
             ok, why = _mmfast_has(self.mmfast_attr)
             if not ok:
@@ -175,8 +176,7 @@ class LossCase(BenchCase):
         else:
             dtypes = ["float32", "bfloat16"] if gpu and not quick else ["float32"]
         for dt in dtypes:
-            if not isinstance(getattr(torch, dt, None), torch.dtype):
-                raise CaseUnavailable(f"--dtype {dt!r} is not a torch dtype")
+            checked_dtype(dt)
         return [{"N": n, "D": opts.dim, "dtype": dt, "world_size": 1} for dt in dtypes for n in sizes]
 
     def shape(self, cfg: dict[str, Any]) -> str:
@@ -200,15 +200,7 @@ class LossCase(BenchCase):
     def _setup(self, make_module: Any, cfg: dict[str, Any], device: str, scale: float) -> Any:
         def setup() -> Any:
             module = make_module()
-            img, txt, s, b = self.inputs(cfg, device, scale)
-            leaves = [t for t in (img, txt, s, b) if t is not None]
-
-            def run() -> tuple[torch.Tensor, ...]:
-                loss = module(img, txt, s, b)
-                grads = torch.autograd.grad(loss, leaves)
-                return (loss.detach(), *grads)
-
-            return run
+            return grad_step(module, *self.inputs(cfg, device, scale))
 
         return setup
 

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from mmfast.bench.cases import BenchCase, CaseUnavailable, register_case
-from mmfast.bench.harness import BenchResult, Provider
+from mmfast.bench.harness import BenchResult, Provider, grad_step
 from mmfast.bench.report import csv_list
 
 __all__ = ["ContrastiveDistCase", "Spec", "make_step", "measure_rank", "all_specs", "spec_key", "spec_name",
@@ -136,14 +136,7 @@ def make_step(spec: Spec, rank: int, world: int, b: int, d: int, dtype: str = "f
         bias = torch.tensor(-10.0, dtype=dt, requires_grad=True)
     else:
         raise ValueError(f"unknown scheme {scheme!r}")
-    leaves = [t for t in (img, txt, scale, bias) if t is not None]
-
-    def step() -> tuple[torch.Tensor, ...]:
-        loss = fn(img, txt, scale, bias)
-        grads = torch.autograd.grad(loss, leaves)
-        return (loss.detach(), *grads)
-
-    return step
+    return grad_step(fn, img, txt, scale, bias)
 
 
 MEMORY_STEPS = 3

@@ -73,9 +73,16 @@ from typing import Any
 
 import torch
 
-from mmfast.bench.cases import BenchCase, CaseUnavailable, register_case
-from mmfast.bench.harness import BenchResult, Provider
-from mmfast.bench.report import csv_list, save_figure
+from mmfast.bench.cases import (
+    BenchCase,
+    CaseUnavailable,
+    add_impl_argument,
+    check_choices,
+    register_case,
+    shape_set,
+)
+from mmfast.bench.harness import BenchResult, Provider, mmfast_backend
+from mmfast.bench.report import csv_list, save_figure, short_dtype, write_summary_and_figure
 
 __all__ = ["ToMeCase", "layer_shapes", "summary_markdown"]
 
@@ -90,14 +97,6 @@ MODEL_LABELS = {"vit_base_patch16_224": "ViT-B/16", "vit_large_patch14_clip_224"
 def _want(name: str, family: str, wanted: list[str] | None) -> bool:
     """``--providers`` filter: the exact name, its family (timm, tome-ref, mmfast) or its part before '['."""
     return not wanted or name in wanted or family in wanted or name.split("[", 1)[0] in wanted
-
-
-@contextlib.contextmanager
-def _backend(impl: str) -> Iterator[None]:
-    import mmfast
-
-    with mmfast.use_backend(impl):
-        yield
 
 
 @contextlib.contextmanager
@@ -148,7 +147,7 @@ def layer_shapes(num_tokens: int, depth: int, r: int, num_prefix_tokens: int = 1
 
 
 def _shape_text(cfg: dict[str, Any]) -> str:
-    dt = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(cfg["dtype"], cfg["dtype"])
+    dt = short_dtype(cfg["dtype"])
     model = MODEL_LABELS.get(cfg["model"], cfg["model"])
     if cfg["part"] == "model":
         return f"model {model} B{cfg['B']} r{cfg['r']} {dt}"
@@ -180,23 +179,15 @@ class ToMeCase(BenchCase):
         parser.add_argument("--parts", default="model,merge", help="model (images/s), merge (match+merge share)")
         parser.add_argument("--layers", default=None, help="comma-separated 1-based layers of the merge share")
         parser.add_argument("--dtype", default=None, help="float32 (CPU default) or float16 (GPU default), bfloat16")
-        parser.add_argument("--impl", default="auto",
-                            help=f"comma-separated mmfast impl= values, one provider each ({', '.join(IMPLS)})")
+        add_impl_argument(parser, IMPLS)
         parser.add_argument("--no-eager-check", action="store_true",
                             help="skip the mmfast[<impl>]+eager provider (kernels with the reference's attention)")
         parser.add_argument("--no-plot", action="store_true", help="do not write the PNG and the summary")
 
     # ------------------------------------------------------------------------------------------ checks
-    def _gpu_set(self, device: str, opts: argparse.Namespace) -> bool:
-        if opts.shapes == "auto":
-            return torch.device(device).type == "cuda"
-        return opts.shapes == "gpu"
-
     def check(self, opts: argparse.Namespace) -> list[str]:
         """Fail clearly without timm or mmfast.tome; note the skipped GPU shapes."""
-        for impl in csv_list(str, opts.impl):
-            if impl not in IMPLS:
-                raise CaseUnavailable(f"--impl {impl!r}: expected one of {', '.join(IMPLS)}")
+        check_choices("--impl", opts.impl, IMPLS)
         for part in csv_list(str, opts.parts):
             if part not in ("model", "merge"):
                 raise CaseUnavailable(f"--parts {part!r}: expected model and/or merge")
@@ -217,10 +208,7 @@ class ToMeCase(BenchCase):
     # ------------------------------------------------------------------------------------------ shapes
     def configs(self, device: str, quick: bool, opts: argparse.Namespace) -> list[dict[str, Any]]:
         """Model and merge-share configurations of the CPU or GPU set (module docstring)."""
-        gpu = self._gpu_set(device, opts)
-        dtype = opts.dtype or ("float16" if gpu else "float32")
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise CaseUnavailable(f"--dtype {dtype!r} is not a torch dtype")
+        gpu, dtype = shape_set(device, opts, "float16")
         parts = csv_list(str, opts.parts)
         if gpu:
             models = csv_list(str, opts.models) or (["vit_base_patch16_224"] if quick else
@@ -289,22 +277,19 @@ class ToMeCase(BenchCase):
                     out.append(Provider(name + "+eager", self._model_setup(cfg, device, "fused-eager", impl),
                                         f"apply_patch with explicit softmax, kernels impl={impl!r}"))
             return out
-        if _want("tome-ref", "tome-ref", wanted):
-            out.append(Provider("tome-ref", self._merge_setup(cfg, device, "reference", block=False),
-                                "merge_tokens under use_backend('reference')"))
-        for impl in impls:
-            name = f"mmfast[{impl}]"
-            if _want(name, "mmfast", wanted):
-                out.append(Provider(name, self._merge_setup(cfg, device, impl, block=False),
-                                    f"merge_tokens, kernels impl={impl!r}"))
-        if _want("tome-ref:block", "tome-ref", wanted):
-            out.append(Provider("tome-ref:block", self._merge_setup(cfg, device, "reference", block=True),
-                                "one ToMe block, explicit softmax, reference match+merge"))
-        for impl in impls:
-            name = f"mmfast[{impl}]:block"
-            if _want(name, "mmfast", wanted):
-                out.append(Provider(name, self._merge_setup(cfg, device, impl, block=True),
-                                    f"one ToMe block, SDPA, kernels impl={impl!r}"))
+        # match + merge alone, then the whole block: tome-ref, then one mmfast[<impl>] per --impl
+        for block, suffix, ref_desc, mm_desc in (
+                (False, "", "merge_tokens under use_backend('reference')", "merge_tokens, kernels impl={!r}"),
+                (True, ":block", "one ToMe block, explicit softmax, reference match+merge",
+                 "one ToMe block, SDPA, kernels impl={!r}")):
+            if _want("tome-ref" + suffix, "tome-ref", wanted):
+                out.append(Provider("tome-ref" + suffix, self._merge_setup(cfg, device, "reference", block=block),
+                                    ref_desc))
+            for impl in impls:
+                name = f"mmfast[{impl}]{suffix}"
+                if _want(name, "mmfast", wanted):
+                    out.append(Provider(name, self._merge_setup(cfg, device, impl, block=block),
+                                        mm_desc.format(impl)))
         return out
 
     # -- shared, cached per (model, batch, r, dtype, device): the base model and the captured layer inputs
@@ -355,7 +340,7 @@ class ToMeCase(BenchCase):
             backend = "reference" if kind == "ref" else impl
             # "+eager": explicit attention, i.e. the CPU attention kernel forced to its reference (the
             # other ops stay on auto, which is the C++ backend on CPU)
-            make_ctx = functools.partial(_backend, backend)
+            make_ctx = functools.partial(mmfast_backend, backend)
             if kind == "fused-eager" and torch.device(device).type == "cpu" and impl in ("auto", "cpp"):
                 make_ctx = _attention_reference
 
@@ -408,7 +393,7 @@ class ToMeCase(BenchCase):
             if block:
 
                 def run_block() -> torch.Tensor:
-                    with torch.inference_mode(), _backend(impl):
+                    with torch.inference_mode(), mmfast_backend(impl):
                         return blk.tome_forward(x, size, None, 1, True, False)[0]
 
                 return run_block
@@ -418,7 +403,7 @@ class ToMeCase(BenchCase):
             r = cfg["r"]
 
             def run_merge() -> tuple[torch.Tensor, torch.Tensor | None]:
-                with torch.inference_mode(), _backend(impl):
+                with torch.inference_mode(), mmfast_backend(impl):
                     merged, new_size, _ = merge_tokens(x_mid, metric, r, size, None, 1, False)
                 return merged, new_size
 
@@ -429,16 +414,8 @@ class ToMeCase(BenchCase):
     # ------------------------------------------------------------------------------------------ outputs
     def finalize(self, results: list[BenchResult], out_dir: Path, opts: argparse.Namespace) -> list[Path]:
         """The PNG and the markdown summary, unless ``--no-plot``."""
-        if getattr(opts, "no_plot", False) or not results:
-            return []
-        device = torch.device(results[0].device).type
-        tag = f"{device}{'_quick' if getattr(opts, 'quick', False) else ''}"
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        md = out / f"{self.name}_summary_{tag}.md"
-        md.write_text(summary_markdown(results, f"ToMe on {device}"))
-        png = plot_tome(results, out / f"{self.name}_{tag}.png", title=f"ToMe inference ({device})")
-        return [png, md]
+        return write_summary_and_figure(self.name, results, out_dir, opts, summary_markdown, "ToMe on {device}",
+                                        plot_tome, "ToMe inference ({device})")
 
 
 def _depth_tokens(model_name: str) -> tuple[int, int]:

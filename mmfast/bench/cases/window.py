@@ -60,15 +60,21 @@ the analytic sizes of the logits and of q + k + v + out); ``_quick`` is added to
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mmfast.bench.cases import BenchCase, CaseUnavailable, register_case
+from mmfast.bench.cases import (
+    BenchCase,
+    CaseUnavailable,
+    add_impl_argument,
+    check_choices,
+    register_case,
+    shape_set,
+)
 from mmfast.bench.cases.contrastive import selected
 from mmfast.bench.cases.window_baselines import (
     flash_config,
@@ -79,8 +85,8 @@ from mmfast.bench.cases.window_baselines import (
     window_buffers,
     window_geometry,
 )
-from mmfast.bench.harness import BenchResult, Provider
-from mmfast.bench.report import csv_list, save_figure
+from mmfast.bench.harness import BenchResult, Provider, grad_step, mmfast_backend
+from mmfast.bench.report import csv_list, save_figure, short_dtype, write_summary_and_figure
 
 __all__ = ["WindowCase", "analytic_bytes", "flash_window_attention", "flex_window_attention",
            "timm_style_window_attention", "window_buffers"]
@@ -95,14 +101,6 @@ SWIN_B = {"s1": (56, 128, 4), "s2": (28, 256, 8), "s3": (14, 512, 16), "s4": (7,
 #: windowed-ViT shapes (ViT-B on a 64x64 token grid, 1024 px / 16): window side.
 VIT_WINDOWS = {"vitdet14": 14, "dito16": 16}
 SWIN_MODEL = "swin_tiny_patch4_window7_224"
-
-
-@contextlib.contextmanager
-def _backend(impl: str) -> Iterator[None]:
-    import mmfast
-
-    with mmfast.use_backend(impl):
-        yield
 
 
 def _randn(shape: tuple[int, ...], seed: int, device: str, dtype: torch.dtype, std: float = 1.0) -> torch.Tensor:
@@ -133,7 +131,7 @@ def _has_flex() -> bool:
 
 
 def _shape_text(cfg: dict[str, Any]) -> str:
-    dt = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(cfg["dtype"], cfg["dtype"])
+    dt = short_dtype(cfg["dtype"])
     if cfg["level"] == "model":
         return f"model {cfg['net']} B{cfg['B']} {cfg['img']}px {dt} {cfg['pass']}"
     shift = f"s{cfg['shift']}" if cfg["shift"] else "s0"
@@ -179,35 +177,23 @@ class WindowCase(BenchCase):
         parser.add_argument("--batch", type=int, default=None, help="batch of the block/attn shapes")
         parser.add_argument("--model-batch", type=int, default=None, help="batch of the whole Swin-T (default 2)")
         parser.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (GPU default), float16")
-        parser.add_argument("--impl", default="auto",
-                            help=f"comma-separated mmfast impl= values, one provider each ({', '.join(IMPLS)})")
+        add_impl_argument(parser, IMPLS)
         parser.add_argument("--flex", action="store_true",
                             help="add the FlexAttention provider on CPU too (fwd only; it is on by default on CUDA)")
         parser.add_argument("--no-plot", action="store_true", help="do not write the PNG and the summary")
 
     # ------------------------------------------------------------------------------------------ checks
-    def _gpu_set(self, device: str, opts: argparse.Namespace) -> bool:
-        if opts.shapes == "auto":
-            return torch.device(device).type == "cuda"
-        return opts.shapes == "gpu"
-
     def check(self, opts: argparse.Namespace) -> list[str]:
         """Fail clearly without mmfast's window attention or (for blocks and models) timm; note skipped parts."""
         notes: list[str] = []
-        for impl in csv_list(str, opts.impl):
-            if impl not in IMPLS:
-                raise CaseUnavailable(f"--impl {impl!r}: expected one of {', '.join(IMPLS)}")
+        check_choices("--impl", opts.impl, IMPLS)
         try:
             from mmfast.functional import window_attention  # noqa: F401
         except Exception as exc:  # noqa: BLE001
             raise CaseUnavailable(f"mmfast.functional.window_attention is not available: {exc}") from exc
+        check_choices("--levels", opts.levels, LEVELS, "some of")
+        check_choices("--passes", opts.passes, PASSES, "some of")
         levels = csv_list(str, opts.levels)
-        for lv in levels:
-            if lv not in LEVELS:
-                raise CaseUnavailable(f"--levels {lv!r}: expected some of {', '.join(LEVELS)}")
-        for p in csv_list(str, opts.passes):
-            if p not in PASSES:
-                raise CaseUnavailable(f"--passes {p!r}: expected some of {', '.join(PASSES)}")
         ok, why = _has_timm()
         if not ok:
             if set(levels) - {"attn"}:
@@ -232,10 +218,7 @@ class WindowCase(BenchCase):
     # ------------------------------------------------------------------------------------------ shapes
     def configs(self, device: str, quick: bool, opts: argparse.Namespace) -> list[dict[str, Any]]:
         """The CPU or GPU shape set (module docstring)."""
-        gpu = self._gpu_set(device, opts)
-        dtype = opts.dtype or ("bfloat16" if gpu else "float32")
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise CaseUnavailable(f"--dtype {dtype!r} is not a torch dtype")
+        gpu, dtype = shape_set(device, opts, "bfloat16")
         levels = csv_list(str, opts.levels) or (["attn"] if gpu else list(LEVELS))
         if not _has_timm()[0]:
             levels = [lv for lv in levels if lv == "attn"]
@@ -320,51 +303,25 @@ class WindowCase(BenchCase):
 
     # -- one block
     def _block_setup(self, cfg: dict[str, Any], device: str, name: str, impl: str = "auto") -> Callable[[], Any]:
-        def setup() -> Callable[[], Any]:
+        def build() -> torch.nn.Module:
             from timm.models.swin_transformer import SwinTransformerBlock
 
-            from mmfast.patch.timm import apply_window_attention
+            blk = SwinTransformerBlock(cfg["dim"], (cfg["H"], cfg["W"]), num_heads=cfg["heads"],
+                                       window_size=7, shift_size=3)
+            # a non-trivial bias table (timm's init is trunc_normal(std=.02))
+            torch.nn.init.normal_(blk.attn.relative_position_bias_table, std=0.5)
+            return blk
 
-            dtype = getattr(torch, cfg["dtype"])
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                blk = SwinTransformerBlock(cfg["dim"], (cfg["H"], cfg["W"]), num_heads=cfg["heads"],
-                                           window_size=7, shift_size=3)
-                # a non-trivial bias table (timm's init is trunc_normal(std=.02))
-                torch.nn.init.normal_(blk.attn.relative_position_bias_table, std=0.5)
-            blk = blk.to(device=device, dtype=dtype).eval()
-            if name.startswith("mmfast"):
-                apply_window_attention(blk)
-            else:
-                blk.attn.fused_attn = name == "timm-sdpa"
-            x = _randn((cfg["B"], cfg["H"], cfg["W"], cfg["dim"]), 1, device, dtype)
-            return _runner(blk, x, cfg["pass"], impl, device)
-
-        return setup
+        return _timm_setup(build, (cfg["B"], cfg["H"], cfg["W"], cfg["dim"]), 1, cfg, device, name, impl)
 
     # -- the whole model
     def _model_setup(self, cfg: dict[str, Any], device: str, name: str, impl: str = "auto") -> Callable[[], Any]:
-        def setup() -> Callable[[], Any]:
+        def build() -> torch.nn.Module:
             import timm
-            from timm.models.swin_transformer import WindowAttention
 
-            from mmfast.patch.timm import apply_window_attention
+            return timm.create_model(cfg["net"], pretrained=False)
 
-            dtype = getattr(torch, cfg["dtype"])
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                model = timm.create_model(cfg["net"], pretrained=False)
-            model = model.to(device=device, dtype=dtype).eval()
-            if name.startswith("mmfast"):
-                apply_window_attention(model)
-            else:
-                for m in model.modules():
-                    if isinstance(m, WindowAttention):
-                        m.fused_attn = name == "timm-sdpa"
-            x = _randn((cfg["B"], 3, cfg["img"], cfg["img"]), 2, device, dtype)
-            return _runner(model, x, cfg["pass"], impl, device)
-
-        return setup
+        return _timm_setup(build, (cfg["B"], 3, cfg["img"], cfg["img"]), 2, cfg, device, name, impl)
 
     # -- the attention op alone
     def _attn_setup(self, cfg: dict[str, Any], device: str, name: str, impl: str = "auto") -> Callable[[], Any]:
@@ -406,32 +363,49 @@ class WindowCase(BenchCase):
                         return fn(qkv, table)
 
                 return run_fwd
-            leaves = [t.requires_grad_() for t in (qkv, table) if t is not None]
+            for t in (qkv, table):
+                if t is not None:
+                    t.requires_grad_()
             gout = _randn((cfg["B"], cfg["H"], cfg["W"], heads, hd), 5, device, dtype)
-
-            def run_fwd_bwd() -> tuple[torch.Tensor, ...]:
-                out = fn(qkv, table)
-                grads = torch.autograd.grad(out, leaves, gout)
-                return (out.detach(), *grads)
-
-            return run_fwd_bwd
+            return grad_step(fn, qkv, table, grad_output=gout)
 
         return setup
 
     # ------------------------------------------------------------------------------------------ outputs
     def finalize(self, results: list[BenchResult], out_dir: Path, opts: argparse.Namespace) -> list[Path]:
         """The PNG (ratio and peak memory per configuration) and the markdown summary, unless ``--no-plot``."""
-        if getattr(opts, "no_plot", False) or not results:
-            return []
-        device = torch.device(results[0].device).type
-        tag = f"{device}{'_quick' if getattr(opts, 'quick', False) else ''}"
-        out = Path(out_dir)
-        md = out / f"{self.name}_summary_{tag}.md"
-        md.parent.mkdir(parents=True, exist_ok=True)
-        md.write_text(summary_markdown(results, f"window attention on {device}"))
-        png = plot_ratio_memory(results, out / f"{self.name}_{tag}.png",
-                                title=f"window attention vs timm-eager ({device})")
-        return [png, md]
+        return write_summary_and_figure(self.name, results, out_dir, opts, summary_markdown,
+                                        "window attention on {device}", plot_ratio_memory,
+                                        "window attention vs timm-eager ({device})")
+
+
+def _timm_setup(build: Callable[[], torch.nn.Module], x_shape: tuple[int, ...], x_seed: int, cfg: dict[str, Any],
+                device: str, name: str, impl: str) -> Callable[[], Any]:
+    """The setup of a timm block or model provider: ``build()`` under seed 0, moved to ``device`` and
+    ``cfg["dtype"]`` in eval mode, then patched with mmfast's window attention (``mmfast...``
+    providers) or given timm's eager / SDPA path (``fused_attn``); the input is ``_randn(x_shape,
+    x_seed)``; the timed callable is :func:`_runner`'s."""
+
+    def setup() -> Callable[[], Any]:
+        from timm.models.swin_transformer import WindowAttention
+
+        from mmfast.patch.timm import apply_window_attention
+
+        dtype = getattr(torch, cfg["dtype"])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            module = build()
+        module = module.to(device=device, dtype=dtype).eval()
+        if name.startswith("mmfast"):
+            apply_window_attention(module)
+        else:
+            for m in module.modules():
+                if isinstance(m, WindowAttention):
+                    m.fused_attn = name == "timm-sdpa"
+        x = _randn(x_shape, x_seed, device, dtype)
+        return _runner(module, x, cfg["pass"], impl, device)
+
+    return setup
 
 
 def _runner(module: torch.nn.Module, x: torch.Tensor, pass_: str, impl: str, device: str) -> Callable[[], Any]:
@@ -439,18 +413,18 @@ def _runner(module: torch.nn.Module, x: torch.Tensor, pass_: str, impl: str, dev
     if pass_ == "fwd":
 
         def run_fwd() -> torch.Tensor:
-            with torch.no_grad(), _backend(impl):
+            with torch.no_grad(), mmfast_backend(impl):
                 return module(x)
 
         return run_fwd
     x.requires_grad_()
     leaves = [x, *module.parameters()]
-    with torch.no_grad(), _backend(impl):
+    with torch.no_grad(), mmfast_backend(impl):
         shape = module(x).shape
     gout = _randn(tuple(shape), 6, device, x.dtype)
 
     def run_fwd_bwd() -> tuple[torch.Tensor, ...]:
-        with _backend(impl):
+        with mmfast_backend(impl):
             out = module(x)
             grads = torch.autograd.grad(out, leaves, gout)
         return (out.detach(), *grads)

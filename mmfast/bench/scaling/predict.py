@@ -42,6 +42,37 @@ def _reduce_scatter_op(backend: str) -> str:
     return "reduce_scatter_tensor" if backend == "nccl" else "all_to_all_single"
 
 
+def _groups(prob: Problem, group_size: int, backend: str, order: str = "column-first") -> tuple[int, int, str]:
+    """The checked arguments of an mmfast prediction: ``(K = W / g groups, the statistics' element
+    size, their dtype)`` (fp64 statistics for fp64 features, else fp32)."""
+    w, g = prob.world, group_size
+    if w % g:
+        raise ValueError(f"group_size {g} does not divide the world size {w}")
+    if order not in ("intra-first", "column-first"):
+        raise ValueError(f"order {order!r}: column-first (mmfast) or intra-first (what-if)")
+    if backend not in ("nccl", "gloo"):
+        raise ValueError(f"backend {backend!r}: nccl or gloo")
+    fs = stat_bytes(prob.dtype)
+    return w // g, fs, "float64" if fs == 8 else "float32"
+
+
+def _grad_scalars(bld: Builder, g: int, fs: int, st: str, local_loss: bool) -> Stage:
+    """CLIP with gather_with_grad: the backward's exchange of the upstream-gradient scalars."""
+    op = "all_gather_into_tensor" if local_loss else "all_reduce"
+    return Stage("grad scalars", [bld.ring(op, "world", g, fs, st, "backward")])
+
+
+def _naming(loss: str, g: int, exchange: str, local_loss: bool,
+            gather_with_grad: bool) -> tuple[str, str, dict[str, Any]]:
+    """``(scheme, label, params)`` of an mmfast prediction (the CLIP options in the params of CLIP only)."""
+    params: dict[str, Any] = {"group_size": g, "exchange": exchange}
+    if loss == "clip":
+        params.update(local_loss=local_loss, gather_with_grad=gather_with_grad)
+    name = "mmfast-clip" if loss == "clip" else "mmfast-siglip"
+    label = f"mmfast {'ClipLoss' if loss == 'clip' else 'SigLipLoss'} g={g}"
+    return name, label, params
+
+
 def predict_mmfast(
     prob: Problem,
     cluster: Cluster,
@@ -75,16 +106,9 @@ def predict_mmfast(
                                    gather_with_grad=gather_with_grad, backend=backend)
     if exchange != "gather":
         raise ValueError(f"exchange {exchange!r}: gather or ring")
-    w, b, d, es = prob.world, prob.batch, prob.dim, prob.es
+    b, d, es, n, dt = prob.batch, prob.dim, prob.es, prob.n, prob.dtype
     g = group_size
-    if w % g:
-        raise ValueError(f"group_size {g} does not divide the world size {w}")
-    if order not in ("intra-first", "column-first"):
-        raise ValueError(f"order {order!r}: column-first (mmfast) or intra-first (what-if)")
-    if backend not in ("nccl", "gloo"):
-        raise ValueError(f"backend {backend!r}: nccl or gloo")
-    k, n, fs = w // g, prob.n, stat_bytes(prob.dtype)
-    dt, st = prob.dtype, "float64" if fs == 8 else "float32"
+    k, fs, st = _groups(prob, g, backend, order)
     bld = Builder(prob, cluster, backend)
     blk = b * d * es
     if order == "intra-first":  # (family, its size, payload) of the first and the second exchange
@@ -115,8 +139,7 @@ def predict_mmfast(
         fwd.append(Stage("column statistics", [bld.ring("all_reduce", "world", g, (2 * n + 3) * 8, "float64",
                                                         "forward", "column statistics + loss terms")]))
         if gather_with_grad:
-            op = "all_gather_into_tensor" if local_loss else "all_reduce"
-            bwd.append(Stage("grad scalars", [bld.ring(op, "world", g, fs, st, "backward")]))
+            bwd.append(_grad_scalars(bld, g, fs, st, local_loss))
     if order == "intra-first":
         # zeroed fp32 partials, the other columns' copy (index_select) and scatter back (index_copy_),
         # the cast of the partials to the feature dtype, the own block's cast and sum
@@ -139,11 +162,7 @@ def predict_mmfast(
                      coll(rs_op, second, second[1] * second[2], "backward"),
                      tile_bwd(rates, b, own, d), overlap=True))
     bwd.append(Stage(f"{first[0]} reduce-scatter", coll(rs_op, first, first[1] * first[2], "backward")))
-    params: dict[str, Any] = {"group_size": g, "exchange": "gather"}
-    if loss == "clip":
-        params.update(local_loss=local_loss, gather_with_grad=gather_with_grad)
-    name = "mmfast-clip" if loss == "clip" else "mmfast-siglip"
-    label = f"mmfast {'ClipLoss' if loss == 'clip' else 'SigLipLoss'} g={g}"
+    name, label, params = _naming(loss, g, "gather", local_loss, gather_with_grad)
     if order == "intra-first":
         name, label = name + "-intrafirst", label + " intra-first (what-if)"
     stages = [st_ for st_ in fwd + bwd if st_.comm or st_.compute_s]
@@ -179,14 +198,9 @@ def predict_mmfast_ring(
     next ring piece travels (texts and sums share the column link: with g = 1 their times add). The
     first ring piece of the backward (the own block comes last) is waited for.
     """
-    w, b, d, es = prob.world, prob.batch, prob.dim, prob.es
+    b, d, es, n, dt = prob.batch, prob.dim, prob.es, prob.n, prob.dtype
     g = group_size
-    if w % g:
-        raise ValueError(f"group_size {g} does not divide the world size {w}")
-    if backend not in ("nccl", "gloo"):
-        raise ValueError(f"backend {backend!r}: nccl or gloo")
-    k, n, fs = w // g, prob.n, stat_bytes(prob.dtype)
-    dt, st = prob.dtype, "float64" if fs == 8 else "float32"
+    k, fs, st = _groups(prob, g, backend)
     clip = loss == "clip"
     bld = Builder(prob, cluster, backend)
     piece, acc = b * d * es, b * d * fs
@@ -201,8 +215,7 @@ def predict_mmfast_ring(
         bwd = phase == "backward"
         c = c_bwd if bwd else c_fwd
         if bwd and clip and gather_with_grad:
-            op = "all_gather_into_tensor" if local_loss else "all_reduce"
-            stages.append(Stage("grad scalars", [bld.ring(op, "world", g, fs, st, "backward")]))
+            stages.append(_grad_scalars(bld, g, fs, st, local_loss))
         order = list(range(1, k)) + [0] if bwd else list(range(k))
         steps: list[Stage] = []
         if order[0] != 0:
@@ -231,11 +244,8 @@ def predict_mmfast_ring(
                 stages.append(Stage("failure flag", [bld.ring("all_reduce", "world", g, 8, "float64", phase, "flag")]))
         else:
             stages.append(Stage("failure flag", [bld.ring("all_reduce", "world", g, 8, "float64", phase, "flag")]))
-    params: dict[str, Any] = {"group_size": g, "exchange": "ring"}
-    if clip:
-        params.update(local_loss=local_loss, gather_with_grad=gather_with_grad)
-    name = "mmfast-clip" if clip else "mmfast-siglip"
-    label = f"mmfast {'ClipLoss' if clip else 'SigLipLoss'} g={g} ring"
+    name, label, params = _naming(loss, g, "ring", local_loss, gather_with_grad)
+    label += " ring"
     stages = [st_ for st_ in stages if st_.comm or st_.compute_s]
     mem = ring_memory(prob, g, loss, backend, local_loss, gather_with_grad)
     return Prediction(name, label, prob, params, stages, mem, cluster.name, rates.source)

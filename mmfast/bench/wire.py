@@ -8,7 +8,7 @@ sees every byte every rank sends (plus TCP/IP headers and acknowledgements, ~0.1
 ``python -m mmfast.bench.wire`` runs one forward + backward of open_clip's ``ClipLoss`` (local_loss +
 gather_with_grad) and of ``mmfast.ClipLoss`` (the gather scheme and the ring scheme with group sizes
 1 and 2) in ``--world`` gloo processes and prints, per scheme, the loopback bytes of one step (all
-ranks; the traffic of a barrier subtracted; the median of ``--repeats`` steps), the byte model's
+ranks; the traffic of the barriers around it subtracted; the least of ``--repeats`` brackets), the byte model's
 count, and the ratio to open_clip's.
 It writes ``<out>/wire_bytes.csv`` and ``.md``.
 """
@@ -39,24 +39,27 @@ def interface_tx_bytes(iface: str = "lo") -> int:
 
 def step_wire_bytes(step: Callable[[], Any], repeats: int = 5, iface: str = "lo") -> int:
     """Call in every rank of a gloo group whose ranks share this machine: the loopback bytes of one
-    ``step()`` of all ranks together, minus one barrier's traffic; the median of ``repeats`` (traffic
-    of other processes on the interface lands in one bracket or the other: the median ignores it
-    when it is sporadic; on a quiet machine every repeat agrees to a few hundred bytes)."""
-    import statistics
-
+    ``step()`` of all ranks together (the counter is the machine's: every rank reads the same one).
+    Each repeat brackets one barrier, then a barrier, the step and a barrier: the step starts only
+    once every rank has read the counter, or a rank that reads late would count the others' first
+    messages in the wrong bracket. Traffic of other processes on the interface only ever adds bytes
+    to a bracket, so the least of each over ``repeats`` is its own traffic (on a quiet machine every
+    repeat agrees to a few hundred bytes); the step's bytes are the second less two of the first."""
     import torch.distributed as dist
 
-    got = []
+    barrier, stepped = [], []
     for _ in range(repeats):
         dist.barrier()
         a = interface_tx_bytes(iface)
         dist.barrier()
         b = interface_tx_bytes(iface)
+        dist.barrier()
         step()
         dist.barrier()
         c = interface_tx_bytes(iface)
-        got.append((c - b) - (b - a))
-    return int(statistics.median(got))
+        barrier.append(b - a)
+        stepped.append(c - b)
+    return min(stepped) - 2 * min(barrier)
 
 
 def scheme_step(scheme: str, rank: int, world: int, b: int, d: int) -> Callable[[], Any]:
@@ -131,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
              f"B={opts.batch}, D={opts.dim} fp32, gloo", "",
              f"`python -m mmfast.bench.wire --world {opts.world} --batch {opts.batch} --dim {opts.dim}` on "
              f"{rows[0]['cpu']}, {rows[0]['date']}. Wire: /proc/net/dev `lo` transmit bytes of all ranks, "
-             "barrier traffic subtracted, median of the repeats. Model: mmfast.bench.comm's count, all ranks.", "",
+             "barrier traffic subtracted, least of the repeats. Model: mmfast.bench.comm's count, all ranks.", "",
              "| scheme | wire bytes | model bytes | wire / model | open_clip / this |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['scheme']} | {r['wire_bytes']:,} | {r['model_bytes']:,} | {r['wire_over_model']:.3f} | "

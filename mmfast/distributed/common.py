@@ -181,26 +181,36 @@ def clip_finish(header: Header, rank: int, local_loss: bool, scale: Tensor, row_
     return loss, dscale
 
 
-def clip_positive_grads(w: ClipWeights, rank: int, header: Header, image: Tensor, text: Tensor, scale: Tensor,
-                        d_image: Tensor, d_text: Tensor) -> tuple[Tensor, Tensor]:
-    """Add the positive pairs' terms (-l_ii in the row and the column terms: both on this rank) and
-    the final scale to the tile gradients."""
+def clip_grads_out(w: ClipWeights, rank: int, header: Header, image: Tensor, text: Tensor, scale: Tensor,
+                   bias: Tensor | None, grad: Tensor, dscale: Tensor, d_image: Tensor, d_text: Tensor
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """What the CLIP backward returns for (image, text, scale, bias): the positive pairs' terms (-l_ii
+    in the row and the column terms: both on this rank) and the final scale applied to the tile
+    gradients ``d_image`` / ``d_text`` in place (buffers the caller owns; no [B, D] temporary), in
+    the inputs' dtypes."""
     dt = d_image.dtype
     off = header.offsets[rank]
     mine = slice(off, off + header.sizes[rank])
-    s = scale.to(dt).reshape(())
+    neg_s = -scale.to(dt).reshape(())
     b_row = w.a_row if w.b_row is None else w.b_row
     b_col = w.a_col if w.b_col is None else w.b_col
-    d_image = d_image - s * (w.a_row + w.a_col[mine])[:, None] * text.to(dt)
-    d_text = d_text - s * (b_row + b_col[mine])[:, None] * image.to(dt)
-    return d_image * w.scale, d_text * w.scale
+    d_image.addcmul_(((w.a_row + w.a_col[mine]) * neg_s)[:, None], text.to(dt)).mul_(w.scale)
+    d_text.addcmul_(((b_row + b_col[mine]) * neg_s)[:, None], image.to(dt)).mul_(w.scale)
+    d_scale = (grad.to(dt).reshape(()) * dscale).reshape(scale.shape).to(scale.dtype)
+    return d_image.to(image.dtype), d_text.to(text.dtype), d_scale, None if bias is None else torch.zeros_like(bias)
 
 
-def siglip_positive_grads(g: Tensor, image: Tensor, text: Tensor, scale: Tensor, d_image: Tensor, d_text: Tensor,
-                          d_scale: Tensor, d_bias: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The positive pairs' terms of the SigLIP gradients (row weights ``g / B``)."""
+def siglip_grads_out(g: Tensor, image: Tensor, text: Tensor, scale: Tensor, bias: Tensor | None, d_image: Tensor,
+                     d_text: Tensor, d_scale: Tensor, d_bias: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """What the SigLIP backward returns for (image, text, scale, bias): the positive pairs' terms (row
+    weights ``g / B``) added to the tile gradients (``d_image`` / ``d_text`` in place), in the inputs'
+    dtypes."""
     dt = d_image.dtype
     c = g / image.shape[0]
-    s = scale.to(dt).reshape(())
+    neg_cs = -(c * scale.to(dt).reshape(()))
     image_l, text_l = image.to(dt), text.to(dt)
-    return (d_image - c * s * text_l, d_text - c * s * image_l, d_scale - c * (image_l * text_l).sum(), d_bias - g)
+    d_image.addcmul_(text_l, neg_cs)
+    d_text.addcmul_(image_l, neg_cs)
+    d_scale = d_scale - c * torch.dot(image_l.reshape(-1), text_l.reshape(-1))
+    return (d_image.to(image.dtype), d_text.to(text.dtype), d_scale.reshape(scale.shape).to(scale.dtype),
+            None if bias is None else (d_bias - g).reshape(bias.shape).to(bias.dtype))

@@ -43,7 +43,7 @@ from mmfast.distributed import common
 from mmfast.distributed.common import EXCHANGES, report_bad_input
 from mmfast.distributed.gather import ClipGatherFn, SigLipGatherFn
 from mmfast.distributed.groups import get_layout
-from mmfast.distributed.ring import ClipRingFn, RingFailure, SigLipRingFn
+from mmfast.distributed.ring import ClipRingFn, RingFailure, SigLipRingFn, chunking
 
 __all__ = ["clip_loss_distributed", "siglip_loss_distributed", "pick_exchange", "gather_memory_bytes",
            "ring_memory_bytes", "set_memory_budget", "memory_budget", "report_bad_input",
@@ -88,12 +88,15 @@ def gather_memory_bytes(world: int, bmax: int, dim: int, dtype_bytes: int) -> in
 
 
 def ring_memory_bytes(group_size: int, num_groups: int, bmax: int, dim: int, dtype_bytes: int) -> int:
-    """Per-rank loss memory of ``ring`` beyond the inputs (backward, the larger pass): two group
-    blocks of texts alive, a block's gradient partials (compact and padded) and the all-to-all buffer
-    in the accumulation dtype, the running sums, plus O(W*B) statistics."""
-    blk = group_size * bmax * dim
-    acc = _elt(dtype_bytes)
-    return 2 * blk * dtype_bytes + 3 * blk * acc + 3 * bmax * dim * acc + 4 * group_size * num_groups * bmax * acc
+    """Per-rank loss memory of ``ring`` beyond the inputs (backward, the larger pass), a bound: the
+    image gradient and one kernel call's image-row gradient, the text gradient (accumulation dtype),
+    and per column chunk of ``R`` rows (:func:`~mmfast.distributed.ring.chunking`) the ring piece, the
+    next one and the other members' pieces, their partials, the sum in flight and the kernel's tile,
+    plus O(W*B) statistics."""
+    chunks, rows = chunking(bmax)
+    acc, chunk = _elt(dtype_bytes), rows * dim
+    return ((2 * bmax + chunks * rows) * dim * acc + (group_size + 1) * chunk * dtype_bytes
+            + (group_size + 2) * chunk * acc + bmax * rows * acc + 4 * group_size * num_groups * bmax * acc)
 
 
 def pick_exchange(exchange: str, world: int, group_size: int, bmax: int, dim: int, dtype_bytes: int,

@@ -149,13 +149,13 @@ class ClipGatherFn(torch.autograd.Function):
         loss, dscale = common.clip_finish(header, layout.rank, local_loss, scale, row_terms, row_terms_all,
                                           col_lse, col_el, pos)
         ctx.save_for_backward(image, texts, scale, bias, rl, col_lse, dscale)
-        ctx.meta = (layout, header, local_loss, gather_with_grad, impl, bias is not None)
+        ctx.meta = (layout, header, local_loss, gather_with_grad, impl)
         return loss
 
     @staticmethod
     def backward(ctx, grad):
         image, texts, scale, bias, rl, col_lse, dscale = ctx.saved_tensors
-        layout, header, local_loss, gwg, impl, has_bias = ctx.meta
+        layout, header, local_loss, gwg, impl = ctx.meta
         sizes, r, dt, dev = header.sizes, layout.rank, rl.dtype, image.device
         w = common.clip_weights(grad, sizes, layout, local_loss, gwg, dt)
         own_cols, other_cols = _column_split(layout, sizes, dev)
@@ -175,11 +175,8 @@ class ClipGatherFn(torch.autograd.Function):
         # the column block's tiles run while the group reduce-scatter is in flight
         d_text = _reduce_text_grads(partial, sizes, layout, lambda: grads(own_cols)).to(dt)
         off = header.offsets[r]
-        d_image, d_text = common.clip_positive_grads(w, r, header, image, texts[off:off + sizes[r]], scale,
-                                                     d_image, d_text)
-        d_scale = (grad.to(dt).reshape(()) * dscale).reshape(scale.shape).to(scale.dtype)
-        d_bias = torch.zeros_like(bias) if has_bias else None
-        return d_image.to(image.dtype), d_text.to(image.dtype), d_scale, d_bias, None, None, None, None, None
+        return (*common.clip_grads_out(w, r, header, image, texts[off:off + sizes[r]], scale, bias, grad, dscale,
+                                       d_image, d_text), None, None, None, None, None)
 
 
 class SigLipGatherFn(torch.autograd.Function):
@@ -194,13 +191,13 @@ class SigLipGatherFn(torch.autograd.Function):
         pos = positive_logits(image, text, scale, bias, rows.dtype)
         loss = (rows.sum() - pos.sum()) / image.shape[0]
         ctx.save_for_backward(image, texts, scale, bias)
-        ctx.meta = (layout, header, impl, bias is not None)
+        ctx.meta = (layout, header, impl)
         return loss
 
     @staticmethod
     def backward(ctx, grad):
         image, texts, scale, bias = ctx.saved_tensors
-        layout, header, impl, has_bias = ctx.meta
+        layout, header, impl = ctx.meta
         sizes, r = header.sizes, layout.rank
         dt = common.compute_dtype(image)
         b_r, d, dev = sizes[r], image.shape[1], image.device
@@ -222,7 +219,5 @@ class SigLipGatherFn(torch.autograd.Function):
             partial.index_copy_(0, other_cols, run(other_cols))
         d_text = _reduce_text_grads(partial, sizes, layout, lambda: run(own_cols)).to(dt)
         off = header.offsets[r]
-        d_image, d_text, d_scale, d_bias = common.siglip_positive_grads(
-            g, image, texts[off:off + b_r], scale, acc[0], d_text, acc[1], acc[2])
-        return (d_image.to(image.dtype), d_text.to(image.dtype), d_scale.reshape(scale.shape).to(scale.dtype),
-                d_bias.reshape(bias.shape).to(bias.dtype) if has_bias else None, None, None, None)
+        return (*common.siglip_grads_out(g, image, texts[off:off + b_r], scale, bias, acc[0], d_text, acc[1], acc[2]),
+                None, None, None)

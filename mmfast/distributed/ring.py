@@ -2,8 +2,9 @@
 
 Ranks form ``k = W / g`` groups of ``g`` consecutive ranks; rank r = (group j, position p). The
 *piece* of a rank is its (padded) texts; a group's *block* is the pieces of its g ranks. Images stay
-on their rank. Every tile op runs on one piece at a time (``B x B`` tiles against this rank's
-images), so at most one group member's piece and one piece-sized gradient are in the tiles' hands.
+on their rank. Every tile op runs on one column chunk of one piece at a time (``B x R`` tiles
+against this rank's images, below), so at most one group member's chunk and one chunk-sized
+gradient are in the tiles' hands.
 
 step s:   rank (j, p) holds the piece of rank (j - s, p), its *ring piece*. It sends the ring piece
           to the other members of its group and receives theirs (one batch of point-to-point ops:
@@ -23,14 +24,24 @@ backward: the same walk, tiles recomputed, in the order s = 1 .. k-1, then 0: th
           runs its own block, so nothing is kept from step to step but the sum in flight. A final
           one-scalar all-reduce tells every rank whether any rank failed.
 
-Peak per rank (backward, B = bmax, the C++ tiles): the image gradient, the ring piece, one other
-member's piece or the next ring piece, the sum in flight, the kernel's tile and gradients:
-about 8 B*D in the steady state (k >= 3), 7 at k = 2, 6 at k = 1; plus O(W*B) statistics.
+column chunks: each pass above runs once per column chunk of the pieces (:func:`chunking`: ``c``
+          chunks of ``R`` rows, ``R >= CHUNK_ROWS``, ``c <= MAX_CHUNKS``), so that every buffer that
+          travels or waits (ring pieces, other members' pieces, partials, sums) and the kernel's tile
+          is a chunk's, ``R*D``; the image gradient is accumulated over the chunks, the text
+          gradient filled chunk by chunk.
+
+Peak per rank (backward, the C++ tiles, ``c = 4`` chunks): the image gradient, one kernel call's
+image-row gradient and the text gradient (``B*D`` each), then per chunk the ring piece, one other
+member's piece or the next ring piece, the sum in flight, the kernel's tile and its chunk of text
+gradient (``R*D`` each, the tile ``B*R``): about 4.5 B*D in the steady state (k >= 3), 4.25 at
+k = 2, 4 at k = 1 (measured at B=1024, D=512 fp32: 9.1, 8.5 and 8.0 MiB); plus O(W*B) statistics.
+Without the chunks (one pass over whole pieces) it was 8, 7 and 6 B*D.
 
 Elements sent per rank and step: forward (W-1)*B*D (as ``gather``); backward (W-1)*B*D of texts again
 plus (W-1)*B*D of gradients (in the accumulation dtype: (g-1)*B*D of partials in the group and
-(k-1)*B*D of sums on the ring). Saved for backward: the inputs, the row log-sum-exp [B] and the
-column log-sum-exp [N]: no texts of other ranks.
+(k-1)*B*D of sums on the ring), in ``c`` times as many messages of a chunk each (plus the padding of
+the last chunk where ``c`` does not divide B). Saved for backward: the inputs, the row log-sum-exp
+[B] and the column log-sum-exp [N]: no texts of other ranks.
 
 A rank whose tile compute raises keeps taking part in every exchange (with its work skipped and zero
 partials sent), so the others finish the pass; then every rank raises (the failing one with its own
@@ -38,6 +49,8 @@ error). Nothing hangs.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.distributed as dist
@@ -56,14 +69,32 @@ class RingFailure(RuntimeError):
     """Raised on every rank when the tile compute of some rank failed during a ring pass."""
 
 
+#: The ring cuts every piece into column chunks of at least ``CHUNK_ROWS`` rows, ``MAX_CHUNKS`` at the
+#: most, and runs one whole pass of the walk per chunk: what is in flight (the next ring piece, the
+#: gradient sum) and the kernel's tile shrink with the chunk, so the buffers that depend on the number
+#: of groups are a fraction of a piece. Chunks of fewer rows would cost more in per-message latency
+#: than they save.
+CHUNK_ROWS = 256
+MAX_CHUNKS = 4
+
+
+def chunking(bmax: int) -> tuple[int, int]:
+    """``(chunks, rows)``: into how many column chunks the ring cuts pieces of ``bmax`` rows, and the
+    rows of one chunk (``chunks * rows >= bmax``; the tail is zero padded)."""
+    c = max(1, min(MAX_CHUNKS, bmax // CHUNK_ROWS))
+    return c, -(-bmax // c)
+
+
 class _Plan:
-    """Geometry of one call: the order of the pieces, their columns and padding, the peers."""
+    """Geometry of one call: the order of the pieces, their columns and padding, the peers. A plan
+    describes one column chunk (:meth:`chunk`); ``sizes``, ``offs`` and ``bmax`` are the chunk's."""
 
     def __init__(self, layout: GroupLayout, sizes: list[int]):
-        self.layout, self.sizes = layout, sizes
+        self.layout = layout
         self.g, self.k, self.j, self.p = layout.group_size, layout.num_groups, layout.group_index, layout.position
-        self.bmax = max(sizes)
-        self.offs = common.offsets(sizes)
+        self.chunks, self.rows = chunking(max(sizes))
+        self._sizes, self._offs = sizes, common.offsets(sizes)
+        self.sizes, self.offs, self.bmax, self.lo = sizes, self._offs, max(sizes), 0
         self.channel = None
         if layout.column is not None:
             ranks = [self._global(jj * self.g + self.p) for jj in range(self.k)]
@@ -71,6 +102,19 @@ class _Plan:
         # the other members of the group, in the order their pieces are worked on
         self.others = [(self.p + i) % self.g for i in range(1, self.g)]
         self.peer = {q: self._global(self.j * self.g + q) for q in self.others}
+
+    def chunk(self, i: int) -> _Plan:
+        """This plan for column chunk ``i``: rows ``[i * rows, (i + 1) * rows)`` of every piece."""
+        c = copy.copy(self)
+        c.lo = lo = i * self.rows
+        c.sizes = [min(max(s - lo, 0), self.rows) for s in self._sizes]
+        c.offs = [o + lo for o in self._offs]
+        c.bmax = self.rows
+        return c
+
+    def piece(self, text: Tensor) -> Tensor:
+        """This rank's rows of the chunk, ``[bmax, D]`` (a view of ``text``, or a padded copy)."""
+        return self.pad(text[self.lo:self.lo + self.bmax])
 
     def _global(self, r: int) -> int:
         return r if self.layout.group is None else dist.get_global_rank(self.layout.group, r)
@@ -156,9 +200,21 @@ class _Guard:
 
 
 def _ring_text_grads(plan: _Plan, text: Tensor, guard: _Guard, piece_grads) -> Tensor:
-    """The ring backward: ``piece_grads(cols, piece)`` returns this rank's text-gradient partial of
-    one piece (its rows, accumulation dtype) and accumulates everything else itself. Returns this
-    rank's summed text gradient, padded to [bmax, D]."""
+    """The ring backward, one pass per column chunk: ``piece_grads(cols, piece)`` returns this rank's
+    text-gradient partial of one piece (its rows, accumulation dtype) and accumulates everything else
+    itself. Returns this rank's summed text gradient, ``[chunks * rows, D]`` (rows past its batch:
+    padding)."""
+    if plan.chunks == 1:
+        return _chunk_text_grads(plan.chunk(0), plan.chunk(0).piece(text), guard, piece_grads)
+    d_text = text.new_empty((plan.chunks * plan.rows, text.shape[1]), dtype=common.compute_dtype(text))
+    for i in range(plan.chunks):
+        cp = plan.chunk(i)
+        d_text[cp.lo:cp.lo + cp.bmax].copy_(_chunk_text_grads(cp, cp.piece(text), guard, piece_grads))
+    return d_text
+
+
+def _chunk_text_grads(plan: _Plan, text: Tensor, guard: _Guard, piece_grads) -> Tensor:
+    """One column chunk's pass of :func:`_ring_text_grads`; ``text``: this rank's rows of the chunk."""
     dev, d = text.device, text.shape[1]
     acc_dtype = common.compute_dtype(text)
     parts: list[Tensor] = []
@@ -183,7 +239,9 @@ def _ring_text_grads(plan: _Plan, text: Tensor, guard: _Guard, piece_grads) -> T
                 total = t if total is None else total.add_(t)
                 t = None
         cols = plan.columns(src, q)
-        part = guard.run(piece_grads, cols, holder.pop())
+        piece = holder.pop()
+        part = guard.run(piece_grads, cols, piece) if piece.shape[0] else None
+        piece = None
         if part is None:
             part = torch.zeros(cols.stop - cols.start, d, dtype=acc_dtype, device=dev)
         part = plan.pad(part.to(acc_dtype))
@@ -217,12 +275,15 @@ class ClipRingFn(torch.autograd.Function):
             rows[0], rows[1] = common.merge_lse(rows[0], rows[1], rl, re)
             col_lse[cols], col_el[cols] = cl, ce
 
-        for _, src, q, holder in _walk(plan, plan.pad(text.detach()), own_last=False):
-            piece = holder.pop()
-            cols = plan.columns(src, q)
-            shift[cols] = common.logit_bound(piece, scale, bias, header.image_norm_max)
-            guard.run(tile, cols, piece)
-            piece = None
+        for i in range(plan.chunks):
+            cp = plan.chunk(i)
+            for _, src, q, holder in _walk(cp, cp.piece(text.detach()), own_last=False):
+                piece = holder.pop()
+                if piece.shape[0]:
+                    cols = cp.columns(src, q)
+                    shift[cols] = common.logit_bound(piece, scale, bias, header.image_norm_max)
+                    guard.run(tile, cols, piece)
+                piece = None
         pos = positive_logits(image, text, scale, bias, dt)
         if guard.error is None:
             row_terms = common.clip_loss_terms(rows[0], rows[1], pos)
@@ -235,13 +296,13 @@ class ClipRingFn(torch.autograd.Function):
         loss, dscale = common.clip_finish(header, layout.rank, local_loss, scale, row_terms, extra_all[:3],
                                           col_lse, col_el, pos)
         ctx.save_for_backward(image, text, scale, bias, rows[0], col_lse, dscale)
-        ctx.meta = (layout, header, local_loss, gather_with_grad, impl, bias is not None)
+        ctx.meta = (layout, header, local_loss, gather_with_grad, impl)
         return loss
 
     @staticmethod
     def backward(ctx, grad):
         image, text, scale, bias, rl, col_lse, dscale = ctx.saved_tensors
-        layout, header, local_loss, gwg, impl, has_bias = ctx.meta
+        layout, header, local_loss, gwg, impl = ctx.meta
         plan = _Plan(layout, header.sizes)
         dt, dev = rl.dtype, image.device
         w = common.clip_weights(grad, header.sizes, layout, local_loss, gwg, dt)
@@ -254,15 +315,12 @@ class ClipRingFn(torch.autograd.Function):
             d_image.add_(d_i)
             return d_t
 
-        d_text = _ring_text_grads(plan, plan.pad(text.detach()), guard, piece_grads)
+        d_text = _ring_text_grads(plan, text.detach(), guard, piece_grads)
         failed = guard.flag(dev)
         dist.all_reduce(failed, group=layout.group)
         guard.raise_if_failed(failed.item(), "backward pass")
-        d_image, d_text = common.clip_positive_grads(w, layout.rank, header, image, text, scale, d_image,
-                                                     d_text[:text.shape[0]])
-        d_scale = (grad.to(dt).reshape(()) * dscale).reshape(scale.shape).to(scale.dtype)
-        d_bias = torch.zeros_like(bias) if has_bias else None
-        return d_image.to(image.dtype), d_text.to(text.dtype), d_scale, d_bias, None, None, None, None, None
+        return (*common.clip_grads_out(w, layout.rank, header, image, text, scale, bias, grad, dscale, d_image,
+                                       d_text[:text.shape[0]]), None, None, None, None, None)
 
 
 class SigLipRingFn(torch.autograd.Function):
@@ -276,21 +334,26 @@ class SigLipRingFn(torch.autograd.Function):
         def tile(block):
             total[0] = total[0] + tiles.sigmoid_rowsum(image, block, scale, bias, impl)
 
-        for _, _, _, holder in _walk(plan, plan.pad(text.detach()), own_last=False):
-            guard.run(tile, holder.pop())
+        for i in range(plan.chunks):
+            cp = plan.chunk(i)
+            for _, _, _, holder in _walk(cp, cp.piece(text.detach()), own_last=False):
+                piece = holder.pop()
+                if piece.shape[0]:
+                    guard.run(tile, piece)
+                piece = None
         failed = guard.flag(dev)
         dist.all_reduce(failed, group=layout.group)
         guard.raise_if_failed(failed.item(), "forward pass")
         pos = positive_logits(image, text, scale, bias, dt)
         loss = (total[0].sum() - pos.sum()) / image.shape[0]
         ctx.save_for_backward(image, text, scale, bias)
-        ctx.meta = (layout, header, impl, bias is not None)
+        ctx.meta = (layout, header, impl)
         return loss
 
     @staticmethod
     def backward(ctx, grad):
         image, text, scale, bias = ctx.saved_tensors
-        layout, header, impl, has_bias = ctx.meta
+        layout, header, impl = ctx.meta
         plan = _Plan(layout, header.sizes)
         dt, dev = common.compute_dtype(image), image.device
         b_r = image.shape[0]
@@ -307,11 +370,9 @@ class SigLipRingFn(torch.autograd.Function):
             acc[2] += d_b
             return d_t
 
-        d_text = _ring_text_grads(plan, plan.pad(text.detach()), guard, piece_grads)
+        d_text = _ring_text_grads(plan, text.detach(), guard, piece_grads)
         failed = guard.flag(dev)
         dist.all_reduce(failed, group=layout.group)
         guard.raise_if_failed(failed.item(), "backward pass")
-        d_image, d_text, d_scale, d_bias = common.siglip_positive_grads(
-            g, image, text, scale, acc[0], d_text[:b_r], acc[1], acc[2])
-        return (d_image.to(image.dtype), d_text.to(text.dtype), d_scale.reshape(scale.shape).to(scale.dtype),
-                d_bias.reshape(bias.shape).to(bias.dtype) if has_bias else None, None, None, None)
+        return (*common.siglip_grads_out(g, image, text, scale, bias, acc[0], d_text[:b_r], acc[1], acc[2]),
+                None, None, None)

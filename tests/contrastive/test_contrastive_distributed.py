@@ -184,9 +184,11 @@ def test_group_size_must_divide_world():
     assert all("group_size=2 must divide the world size 3" in m for m in msgs)
 
 
-def _ring_w8(rank, world, sizes):
+def _ring_w8(rank, world, sizes, chunk_rows):
     import mmfast
+    from mmfast.distributed import ring
 
+    ring.CHUNK_ROWS = chunk_rows  # this process only: column chunks of ``chunk_rows`` rows
     feats = _features(sizes, 12, torch.float64, seed=11)
     image, text = feats[rank]
     scale, bias = torch.tensor(30.0, dtype=torch.float64), torch.tensor(-2.0, dtype=torch.float64)
@@ -200,9 +202,16 @@ def _ring_w8(rank, world, sizes):
     return out
 
 
-def test_ring_eight_ranks_unequal_batches_match_simulation():
-    sizes = [2, 1, 3, 2, 1, 1, 4, 2]
-    results = run_distributed(_ring_w8, len(sizes), sizes, timeout=300)
+@pytest.mark.parametrize("sizes,chunk_rows", [
+    ([2, 1, 3, 2, 1, 1, 4, 2], 256),  # one chunk
+    ([2, 1, 3, 2, 1, 1, 4, 2], 1),  # four chunks of one row: most ranks have empty chunks
+    ([7, 1, 3, 5, 2, 6, 4, 7], 2),  # three chunks of three rows: the last one padded on every rank
+])
+def test_ring_eight_ranks_unequal_batches_match_simulation(sizes, chunk_rows):
+    from mmfast.distributed.ring import MAX_CHUNKS
+
+    assert max(1, min(MAX_CHUNKS, max(sizes) // chunk_rows)) == {256: 1, 1: 4, 2: 3}[chunk_rows]
+    results = run_distributed(_ring_w8, len(sizes), sizes, chunk_rows, timeout=300)
     feats = _features(sizes, 12, torch.float64, seed=11)
     scale, bias = torch.tensor(30.0, dtype=torch.float64), torch.tensor(-2.0, dtype=torch.float64)
     sims = {"clip": simulate_ranks("clip", feats, scale, bias, local_loss=True, gather_with_grad=True),
@@ -363,9 +372,12 @@ def test_unequal_dim_raises_everywhere(exchange):
     assert all("embedding size D differs across ranks: [6, 8, 8]" in m for m in msgs), msgs
 
 
-def _fails_mid_ring(rank, world, loss, phase, failing_rank):
+def _fails_mid_ring(rank, world, loss, phase, failing_rank, chunk_rows):
     import mmfast
+    from mmfast.distributed import ring
     from mmfast.ops import contrastive as tiles
+
+    ring.CHUNK_ROWS = chunk_rows
 
     name = {("clip", "forward"): "softmax_stats", ("clip", "backward"): "softmax_grads",
             ("siglip", "forward"): "sigmoid_rowsum", ("siglip", "backward"): "sigmoid_grads"}[(loss, phase)]
@@ -393,10 +405,11 @@ def _fails_mid_ring(rank, world, loss, phase, failing_rank):
     return "no error"
 
 
+@pytest.mark.parametrize("chunk_rows", [256, 2])  # one chunk; two (the failure in the first, the second skipped)
 @pytest.mark.parametrize("loss,phase", [("clip", "forward"), ("clip", "backward"), ("siglip", "forward"),
                                         ("siglip", "backward")])
-def test_rank_failing_mid_ring_raises_everywhere_without_hanging(loss, phase):
-    msgs = run_distributed(_fails_mid_ring, 4, loss, phase, 2, timeout=120)
+def test_rank_failing_mid_ring_raises_everywhere_without_hanging(loss, phase, chunk_rows):
+    msgs = run_distributed(_fails_mid_ring, 4, loss, phase, 2, chunk_rows, timeout=120)
     assert "injected kernel failure" in msgs[2], msgs
     for r in (0, 1, 3):
         assert msgs[r].startswith("RingFailure:") and f"the {phase} pass" in msgs[r] and "1 other rank" in msgs[r], \

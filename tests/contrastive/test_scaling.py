@@ -34,6 +34,7 @@ import torch
 
 from mmfast.bench import scaling as sc
 from mmfast.bench.cases.contrastive_dist import all_specs, measure_rank, spec_key, spec_name, spec_prediction
+from mmfast.distributed.ring import chunking
 from mmfast.testing import run_distributed
 
 # ------------------------------------------------------------------------------------ exact bytes
@@ -261,10 +262,13 @@ def test_ring_sends_texts_twice_and_gradient_sums_once(w, b, d):
             assert ring.sent_bytes == 2 * (w - 1) * b * d * es + (w - 1) * b * d * acc + small, (g, backend)
             k = w // g
             ops = ring.by_op()
-            # texts on the column ring (k - 1 hops a pass), the gradient sums (k - 1 hops); inside the
-            # group one exchange of pieces per step and pass, one of partials per backward step
-            p2p_fwd = (k - 1) + (k if g > 1 else 0)
-            p2p_bwd = 2 * (k - 1) + (2 * k if g > 1 else 0)
+            # per column chunk: texts on the column ring (k - 1 hops a pass), the gradient sums (k - 1
+            # hops); inside the group one exchange of pieces per step and pass, one of partials per
+            # backward step. The bytes above do not depend on the chunks (b divides into them here).
+            chunks, rows = chunking(b)
+            assert chunks * rows == b and chunks == {7: 1, 256: 1, 1024: 4}[b]
+            p2p_fwd = chunks * ((k - 1) + (k if g > 1 else 0))
+            p2p_bwd = chunks * (2 * (k - 1) + (2 * k if g > 1 else 0))
             assert ops.get(("batch_isend_irecv", "forward"), {}).get("calls", 0) == p2p_fwd
             assert ops.get(("batch_isend_irecv", "backward"), {}).get("calls", 0) == p2p_bwd
             assert ("all_to_all_single", "backward") not in ops and ("reduce_scatter_tensor", "backward") not in ops

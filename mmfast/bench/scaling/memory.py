@@ -160,11 +160,15 @@ def _clip_weight_memory(h: _Heap, prob: Problem, local_loss: bool, gather_with_g
     h.tmp(2 * n * fs)  # the owners' batch sizes and upstream gradients, repeated per column
 
 
-def _grad_epilogue_memory(h: _Heap, prob: Problem) -> None:
-    """The positive pairs' gradient terms and the final scale (O(B*D)), then the returned gradients."""
-    a = prob.batch * prob.dim * stat_bytes(prob.dtype)
-    h.tmp(3 * a + (a if prob.es != stat_bytes(prob.dtype) else 0))
-    h.new(2 * a, "bwd_out")
+def _grad_epilogue_memory(h: _Heap, prob: Problem, clip: bool) -> None:
+    """common.clip_grads_out / siglip_grads_out: the positive pairs' terms and the final scale added
+    in place; with 16-bit features the accumulation-dtype copies of the features (one at a time for
+    CLIP, both for SigLIP) and the returned gradients cast to the features' dtype."""
+    fs = stat_bytes(prob.dtype)
+    if prob.es != fs:
+        a = prob.batch * prob.dim * fs
+        h.tmp(a if clip else 2 * a)
+        h.new(2 * prob.batch * prob.dim * prob.es, "bwd_out")
 
 
 def mmfast_memory(prob: Problem, g: int, loss: str, backend: str = "nccl", order: str = "column-first",
@@ -286,7 +290,7 @@ def mmfast_memory(prob: Problem, g: int, loss: str, backend: str = "nccl", order
     h.drop_prefix("r_")
     if es != fs:
         h.new(b * d * fs, "mine")
-    _grad_epilogue_memory(h, prob)
+    _grad_epilogue_memory(h, prob, clip)
     return h.peak
 
 
@@ -295,25 +299,31 @@ def ring_memory(prob: Problem, g: int, loss: str, backend: str = "nccl", local_l
     """Peak bytes allocated inside mmfast's ``ring`` loss (forward + backward), equal batches, by
     replaying the allocations of :mod:`mmfast.distributed.ring` in order.
 
-    The walk: per step the other members' pieces (``g - 1`` receive buffers of ``B*D``, each let go
-    once its tiles ran), then the ring piece, with the next ring piece's receive buffer posted
-    between the two (two ring pieces alive until the next step begins). Tiles run one piece
-    (``B x B``) at a time. Forward: the O(N) column statistics and bounds, their fp64 all-reduce.
-    Backward (own block last): per other piece the kernel's gradients (``B*D`` each, accumulation
-    dtype; the partial kept to the exchange), before the ring piece's tiles the group's partials
-    exchanged (``g - 1`` receive buffers) and summed with the incoming ring sum into one buffer,
-    which takes the ring piece's partial and moves on (the send kept until the next step's first
-    piece, the next receive buffer posted with it). Nothing scales with ``W*B*D``:
-    ``O(g*B*D + W*B)``. ``backend``: as :func:`mmfast_memory`.
+    Each pass runs once per column chunk (:func:`mmfast.distributed.ring.chunking`: ``c`` chunks of
+    ``R`` rows), so every buffer of the walk is a chunk's, ``R*D``. The walk: per step the other
+    members' pieces (``g - 1`` receive buffers, each let go once its tiles ran), then the ring piece,
+    with the next ring piece's receive buffer posted between the two (two ring pieces alive until the
+    next step begins). Tiles run one piece (``B x R``) at a time. Forward: the O(N) column statistics
+    and bounds, their fp64 all-reduce. Backward (own block last): the image gradient ``B*D`` and
+    (``c > 1``) the text gradient ``c*R*D`` for the whole call; per other piece the kernel's
+    gradients (``B*D`` for the image rows, added at once, and the piece's ``R*D`` partial, kept to
+    the exchange), before the ring piece's tiles the group's partials exchanged (``g - 1`` receive
+    buffers) and summed with the incoming ring sum into one buffer, which takes the ring piece's
+    partial and moves on (the send kept until the next step's first piece, the next receive buffer
+    posted with it); at the chunk's end the sum is copied into the text gradient. Nothing scales with
+    ``W*B*D``: ``O(B*D + g*R*D + W*B)``. ``backend``: as :func:`mmfast_memory`.
     """
+    from mmfast.distributed.ring import chunking
+
     w, b, d, n, es, fs = prob.world, prob.batch, prob.dim, prob.n, prob.es, stat_bytes(prob.dtype)
     k = w // g
-    piece, acc = b * d * es, b * d * fs
+    chunks, rows = chunking(b)
+    piece, acc = rows * d * es, rows * d * fs
     clip = loss == "clip"
     h = _Heap()
     kern = _Kernels(h, prob, backend)
 
-    def walk(tag: str, own_last: bool):
+    def walk(tag: str, own_last: bool, chunk: int):
         """_walk: yields (s, q) once the caller holds the piece as ``<tag>piece`` (the caller drops it)."""
         cv, nv = f"{tag}_w_cur", f"{tag}_w_nxt"
         order = list(range(1, k)) + [0] if own_last else list(range(k))
@@ -321,7 +331,7 @@ def ring_memory(prob: Problem, g: int, loss: str, backend: str = "nccl", local_l
             h.new(piece, nv)
         for i, s in enumerate(order):
             if s == 0:
-                h.new(0, cv)  # the text itself
+                h.new(piece if (chunk + 1) * rows > b else 0, cv)  # the text's rows (a padded copy at the tail)
             else:
                 h.alias(cv, nv)  # cur = nxt.wait(); the previous ring piece, sent, is let go
                 h.drop(nv)
@@ -349,22 +359,23 @@ def ring_memory(prob: Problem, g: int, loss: str, backend: str = "nccl", local_l
     else:
         h.new(b * fs, "f_total")
     first = True
-    for _ in walk("f_", own_last=False):
-        if clip:
-            h.tmp(b * (4 + 8 + 8 + 8))  # logit_bound of the piece
-            kern.softmax_fwd(b, b, "f_st")
-            if not first:
-                h.tmp(4 * b * fs)
-                h.new(2 * b * fs, "rows")  # merge_lse
+    for chunk in range(chunks):
+        for _ in walk("f_", False, chunk):
+            if clip:
+                h.tmp(rows * (4 + 8 + 8 + 8))  # logit_bound of the piece
+                kern.softmax_fwd(b, rows, "f_st")
+                if not first:
+                    h.tmp(4 * b * fs)
+                    h.new(2 * b * fs, "rows")  # merge_lse
+                else:
+                    h.alias("rows", "f_st_r")
+                h.drop("f_st_r", "f_st_c")
             else:
-                h.alias("rows", "f_st_r")
-            h.drop("f_st_r", "f_st_c")
-        else:
-            kern.sigmoid_fwd(b, b, "f_st")
-            h.new(b * fs, "f_total")
-            h.drop("f_st_r")
-        first = False
-        h.drop("f_piece")
+                kern.sigmoid_fwd(b, rows, "f_st")
+                h.new(b * fs, "f_total")
+                h.drop("f_st_r")
+            first = False
+            h.drop("f_piece")
     h.tmp(b * d * fs + (2 * b * d * fs if es != fs else 0))  # positive_logits
     if clip:
         h.tmp(6 * n * 8)  # combine_column_stats
@@ -374,44 +385,48 @@ def ring_memory(prob: Problem, g: int, loss: str, backend: str = "nccl", local_l
     # ---- backward
     if clip:
         _clip_weight_memory(h, prob, local_loss, gather_with_grad)
-    h.new(acc, "d_image")
+    h.new(b * d * fs, "d_image")
+    if chunks > 1:
+        h.new(chunks * rows * d * fs, "d_text")
     two = clip and local_loss and not gather_with_grad
-    incoming = False
-    for s, q in walk("b_", own_last=True):
-        h.drop("b_sent")  # incoming.release_sends()
-        if q == 0:
-            if g > 1:  # the partials exchanged inside the group, summed into the first receive buffer
-                for o in range(1, g):
-                    h.new(acc, f"b_recv{o}")
-                h.drop(*[f"b_part{o}" for o in range(1, g)])
-                h.alias("b_total", "b_recv1")
-                h.drop(*[f"b_recv{o}" for o in range(1, g)])
-            if incoming:
-                if g > 1:
-                    h.drop("b_in")  # added into the total
-                else:
-                    h.alias("b_total", "b_in")
-                    h.drop("b_in")
-        kern.grads(b, b, "b_k", two_tiles=two, sigmoid=not clip)
-        h.drop("b_k_a", "b_piece")  # d_i added into d_image; the piece (an argument) let go
-        if q:
-            h.alias(f"b_part{q}", "b_k_b")
-            h.drop("b_k_b")
-            continue
-        if g > 1 or incoming:
-            h.drop("b_k_b")  # total += part
-        else:
-            h.alias("b_total", "b_k_b")
-            h.drop("b_k_b")
-        if s == 0:
-            break
-        h.alias("b_sent", "b_total")  # the sum moves on (kept by its send) ...
-        h.drop("b_total")
-        h.new(acc, "b_in")  # ... and the next one is received
-        incoming = True
-    h.alias("d_text", "b_total")
-    h.drop_prefix("b_")
-    _grad_epilogue_memory(h, prob)
+    for chunk in range(chunks):
+        incoming = False
+        for s, q in walk("b_", True, chunk):
+            h.drop("b_sent")  # incoming.release_sends()
+            if q == 0:
+                if g > 1:  # the partials exchanged inside the group, summed into the first receive buffer
+                    for o in range(1, g):
+                        h.new(acc, f"b_recv{o}")
+                    h.drop(*[f"b_part{o}" for o in range(1, g)])
+                    h.alias("b_total", "b_recv1")
+                    h.drop(*[f"b_recv{o}" for o in range(1, g)])
+                if incoming:
+                    if g > 1:
+                        h.drop("b_in")  # added into the total
+                    else:
+                        h.alias("b_total", "b_in")
+                        h.drop("b_in")
+            kern.grads(b, rows, "b_k", two_tiles=two, sigmoid=not clip)
+            h.drop("b_k_a", "b_piece")  # d_i added into d_image; the piece (an argument) let go
+            if q:
+                h.alias(f"b_part{q}", "b_k_b")
+                h.drop("b_k_b")
+                continue
+            if g > 1 or incoming:
+                h.drop("b_k_b")  # total += part
+            else:
+                h.alias("b_total", "b_k_b")
+                h.drop("b_k_b")
+            if s == 0:
+                break
+            h.alias("b_sent", "b_total")  # the sum moves on (kept by its send) ...
+            h.drop("b_total")
+            h.new(acc, "b_in")  # ... and the next one is received
+            incoming = True
+        if chunks == 1:
+            h.alias("d_text", "b_total")
+        h.drop_prefix("b_")  # (c > 1: copied into d_text)
+    _grad_epilogue_memory(h, prob, clip)
     return h.peak
 
 

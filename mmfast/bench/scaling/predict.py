@@ -192,6 +192,9 @@ def predict_mmfast_ring(
     partials (``B*D`` to each other member) and K-1 gradient ring steps of ``B*D``, both in the
     accumulation dtype; a final 1-fp64 all-reduce (the failure flag).
 
+    Every pass runs once per column chunk (:func:`mmfast.distributed.ring.chunking`: ``c`` chunks of
+    ``R`` rows): the messages and the tiles above are a chunk's (``R*D``, ``B x R``), ``c`` times.
+
     Time, as the code overlaps: per step the group exchange of pieces (waited at once), the tiles
     of the other members' pieces while the previous step's gradient sum travels the column ring,
     the group exchange of the partials (waited at once), and the tiles of the ring piece while the
@@ -203,12 +206,15 @@ def predict_mmfast_ring(
     k, fs, st = _groups(prob, g, backend)
     clip = loss == "clip"
     bld = Builder(prob, cluster, backend)
-    piece, acc = b * d * es, b * d * fs
+    from mmfast.distributed.ring import chunking  # torch only when the ring is predicted
 
-    # per piece: the tiles (B x B), and the elementwise passes (forward: the piece's norms for the
-    # bound; backward: the partials' and sums' adds)
-    c_fwd = tile_fwd(rates, b, b, d) + (b * d * es if clip else 0) / rates.mem_bw
-    c_bwd = tile_bwd(rates, b, b, d) + 2 * acc / rates.mem_bw
+    chunks, rows = chunking(b)
+    piece, acc = rows * d * es, rows * d * fs
+
+    # per piece of a chunk: the tiles (B x R), and the elementwise passes (forward: the piece's norms
+    # for the bound; backward: the partials' and sums' adds)
+    c_fwd = tile_fwd(rates, b, rows, d) + (rows * d * es if clip else 0) / rates.mem_bw
+    c_bwd = tile_bwd(rates, b, rows, d) + 2 * acc / rates.mem_bw
     stages = [Stage("header exchange", [bld.ring("all_gather_into_tensor", "world", g, 8 * 7, "float64", "forward",
                                                  "header")])]
     for phase in ("forward", "backward"):
@@ -218,9 +224,9 @@ def predict_mmfast_ring(
             stages.append(_grad_scalars(bld, g, fs, st, local_loss))
         order = list(range(1, k)) + [0] if bwd else list(range(k))
         steps: list[Stage] = []
-        if order[0] != 0:
-            steps.append(Stage("first ring piece", [bld.column_p2p(g, piece, dt, phase, "texts")]))
-        for i in range(len(order)):
+        for i in list(range(len(order))) * chunks:  # one walk per chunk
+            if i == 0 and order[0] != 0:
+                steps.append(Stage("first ring piece", [bld.column_p2p(g, piece, dt, phase, "texts")]))
             sum_in_flight = bwd and i > 0  # the sum sent at the end of the last step
             sums = [bld.column_p2p(g, acc, st, phase, "gradient sums")] if sum_in_flight else []
             texts = [bld.column_p2p(g, piece, dt, phase, "texts")] if i + 1 < len(order) and order[i + 1] else []

@@ -69,19 +69,25 @@ class RingFailure(RuntimeError):
     """Raised on every rank when the tile compute of some rank failed during a ring pass."""
 
 
-#: The ring cuts every piece into column chunks of at least ``CHUNK_ROWS`` rows, ``MAX_CHUNKS`` at the
-#: most, and runs one whole pass of the walk per chunk: what is in flight (the next ring piece, the
-#: gradient sum) and the kernel's tile shrink with the chunk, so the buffers that depend on the number
-#: of groups are a fraction of a piece. Chunks of fewer rows would cost more in per-message latency
-#: than they save.
+#: The ring cuts every piece into column chunks and runs one whole pass of the walk per chunk: what
+#: is in flight (the next ring piece, the gradient sum) and the kernel's tile shrink with the chunk,
+#: so the buffers that depend on the number of groups are a fraction of a piece. A chunk has at least
+#: ``CHUNK_ROWS`` rows (the tiles stay efficient) and ``CHUNK_BYTES`` of features (each message's
+#: fixed latency, ~5 us, stays small beside its transfer: 5 us at 50 GB/s is 250 KB), and there are
+#: at most ``MAX_CHUNKS``. Each chunk costs one more message per step: where the ring is bound by
+#: latency, fewer chunks are faster and hold more memory (docs/scaling.md has both at W = 512).
 CHUNK_ROWS = 256
+CHUNK_BYTES = 512 * 1024
 MAX_CHUNKS = 4
 
 
-def chunking(bmax: int) -> tuple[int, int]:
-    """``(chunks, rows)``: into how many column chunks the ring cuts pieces of ``bmax`` rows, and the
-    rows of one chunk (``chunks * rows >= bmax``; the tail is zero padded)."""
-    c = max(1, min(MAX_CHUNKS, bmax // CHUNK_ROWS))
+def chunking(bmax: int, row_bytes: int) -> tuple[int, int]:
+    """``(chunks, rows)``: into how many column chunks the ring cuts pieces of ``bmax`` rows of
+    ``row_bytes`` each, and the rows of one chunk (``chunks * rows >= bmax``). The most chunks the
+    limits allow, fewer where fewer divide ``bmax`` evenly (no padding sent); where none does, the
+    most, with the tail zero padded."""
+    most = max(1, min(MAX_CHUNKS, bmax // CHUNK_ROWS, bmax * row_bytes // CHUNK_BYTES))
+    c = next((c for c in range(most, 1, -1) if bmax % c == 0), most)
     return c, -(-bmax // c)
 
 
@@ -89,10 +95,10 @@ class _Plan:
     """Geometry of one call: the order of the pieces, their columns and padding, the peers. A plan
     describes one column chunk (:meth:`chunk`); ``sizes``, ``offs`` and ``bmax`` are the chunk's."""
 
-    def __init__(self, layout: GroupLayout, sizes: list[int]):
+    def __init__(self, layout: GroupLayout, sizes: list[int], text: Tensor):
         self.layout = layout
         self.g, self.k, self.j, self.p = layout.group_size, layout.num_groups, layout.group_index, layout.position
-        self.chunks, self.rows = chunking(max(sizes))
+        self.chunks, self.rows = chunking(max(sizes), text.shape[1] * text.element_size())
         self._sizes, self._offs = sizes, common.offsets(sizes)
         self.sizes, self.offs, self.bmax, self.lo = sizes, self._offs, max(sizes), 0
         self.channel = None
@@ -262,7 +268,7 @@ def _chunk_text_grads(plan: _Plan, text: Tensor, guard: _Guard, piece_grads) -> 
 class ClipRingFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, image, text, scale, bias, layout, header, local_loss, gather_with_grad, impl):
-        plan = _Plan(layout, header.sizes)
+        plan = _Plan(layout, header.sizes, text)
         dt, dev, n = common.compute_dtype(image), image.device, header.total
         col_lse = torch.full((n,), float("-inf"), dtype=dt, device=dev)
         col_el = torch.zeros(n, dtype=dt, device=dev)
@@ -303,7 +309,7 @@ class ClipRingFn(torch.autograd.Function):
     def backward(ctx, grad):
         image, text, scale, bias, rl, col_lse, dscale = ctx.saved_tensors
         layout, header, local_loss, gwg, impl = ctx.meta
-        plan = _Plan(layout, header.sizes)
+        plan = _Plan(layout, header.sizes, text)
         dt, dev = rl.dtype, image.device
         w = common.clip_weights(grad, header.sizes, layout, local_loss, gwg, dt)
         d_image = torch.zeros(image.shape, dtype=dt, device=dev)
@@ -326,7 +332,7 @@ class ClipRingFn(torch.autograd.Function):
 class SigLipRingFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, image, text, scale, bias, layout, header, impl):
-        plan = _Plan(layout, header.sizes)
+        plan = _Plan(layout, header.sizes, text)
         dt, dev = common.compute_dtype(image), image.device
         total = [torch.zeros(image.shape[0], dtype=dt, device=dev)]
         guard = _Guard()
@@ -354,7 +360,7 @@ class SigLipRingFn(torch.autograd.Function):
     def backward(ctx, grad):
         image, text, scale, bias = ctx.saved_tensors
         layout, header, impl = ctx.meta
-        plan = _Plan(layout, header.sizes)
+        plan = _Plan(layout, header.sizes, text)
         dt, dev = common.compute_dtype(image), image.device
         b_r = image.shape[0]
         g = grad.to(dt).reshape(())

@@ -188,7 +188,7 @@ def _ring_w8(rank, world, sizes, chunk_rows):
     import mmfast
     from mmfast.distributed import ring
 
-    ring.CHUNK_ROWS = chunk_rows  # this process only: column chunks of ``chunk_rows`` rows
+    ring.CHUNK_ROWS, ring.CHUNK_BYTES = chunk_rows, 1  # this process only: chunks of ``chunk_rows`` rows
     feats = _features(sizes, 12, torch.float64, seed=11)
     image, text = feats[rank]
     scale, bias = torch.tensor(30.0, dtype=torch.float64), torch.tensor(-2.0, dtype=torch.float64)
@@ -207,10 +207,12 @@ def _ring_w8(rank, world, sizes, chunk_rows):
     ([2, 1, 3, 2, 1, 1, 4, 2], 1),  # four chunks of one row: most ranks have empty chunks
     ([7, 1, 3, 5, 2, 6, 4, 7], 2),  # three chunks of three rows: the last one padded on every rank
 ])
-def test_ring_eight_ranks_unequal_batches_match_simulation(sizes, chunk_rows):
-    from mmfast.distributed.ring import MAX_CHUNKS
+def test_ring_eight_ranks_unequal_batches_match_simulation(sizes, chunk_rows, monkeypatch):
+    from mmfast.distributed import ring
 
-    assert max(1, min(MAX_CHUNKS, max(sizes) // chunk_rows)) == {256: 1, 1: 4, 2: 3}[chunk_rows]
+    monkeypatch.setattr(ring, "CHUNK_ROWS", chunk_rows)
+    monkeypatch.setattr(ring, "CHUNK_BYTES", 1)
+    assert ring.chunking(max(sizes), 12 * 8) == {256: (1, 4), 1: (4, 1), 2: (3, 3)}[chunk_rows]
     results = run_distributed(_ring_w8, len(sizes), sizes, chunk_rows, timeout=300)
     feats = _features(sizes, 12, torch.float64, seed=11)
     scale, bias = torch.tensor(30.0, dtype=torch.float64), torch.tensor(-2.0, dtype=torch.float64)
@@ -377,7 +379,7 @@ def _fails_mid_ring(rank, world, loss, phase, failing_rank, chunk_rows):
     from mmfast.distributed import ring
     from mmfast.ops import contrastive as tiles
 
-    ring.CHUNK_ROWS = chunk_rows
+    ring.CHUNK_ROWS, ring.CHUNK_BYTES = chunk_rows, 1
 
     name = {("clip", "forward"): "softmax_stats", ("clip", "backward"): "softmax_grads",
             ("siglip", "forward"): "sigmoid_rowsum", ("siglip", "backward"): "sigmoid_grads"}[(loss, phase)]
@@ -414,3 +416,15 @@ def test_rank_failing_mid_ring_raises_everywhere_without_hanging(loss, phase, ch
     for r in (0, 1, 3):
         assert msgs[r].startswith("RingFailure:") and f"the {phase} pass" in msgs[r] and "1 other rank" in msgs[r], \
             msgs
+
+
+def test_ring_chunking_rule():
+    from mmfast.distributed.ring import CHUNK_BYTES, CHUNK_ROWS, MAX_CHUNKS, chunking
+
+    assert (CHUNK_ROWS, CHUNK_BYTES, MAX_CHUNKS) == (256, 512 * 1024, 4)
+    assert chunking(1024, 512 * 4) == (4, 256)  # fp32 D=512: 2 MiB pieces, four chunks
+    assert chunking(1024, 768 * 2) == (2, 512)  # bf16 D=768: 1.5 MiB, at most 3 by bytes, 2 divide evenly
+    assert chunking(1021, 512 * 4) == (3, 341)  # nothing divides 1021: three chunks, the tail padded
+    assert chunking(512, 256 * 4) == (1, 512)  # 512 KiB pieces: one chunk
+    assert chunking(255, 1 << 20) == (1, 255)  # fewer than CHUNK_ROWS rows
+    assert chunking(1 << 16, 1 << 12) == (4, 1 << 14)  # at most MAX_CHUNKS

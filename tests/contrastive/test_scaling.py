@@ -265,8 +265,8 @@ def test_ring_sends_texts_twice_and_gradient_sums_once(w, b, d):
             # per column chunk: texts on the column ring (k - 1 hops a pass), the gradient sums (k - 1
             # hops); inside the group one exchange of pieces per step and pass, one of partials per
             # backward step. The bytes above do not depend on the chunks (b divides into them here).
-            chunks, rows = chunking(b)
-            assert chunks * rows == b and chunks == {7: 1, 256: 1, 1024: 4}[b]
+            chunks, rows = chunking(b, d * es)
+            assert chunks * rows == b and chunks == {7: 1, 256: 1, 1024: 2}[b]
             p2p_fwd = chunks * ((k - 1) + (k if g > 1 else 0))
             p2p_bwd = chunks * (2 * (k - 1) + (2 * k if g > 1 else 0))
             assert ops.get(("batch_isend_irecv", "forward"), {}).get("calls", 0) == p2p_fwd

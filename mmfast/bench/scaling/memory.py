@@ -317,7 +317,7 @@ def ring_memory(prob: Problem, g: int, loss: str, backend: str = "nccl", local_l
 
     w, b, d, n, es, fs = prob.world, prob.batch, prob.dim, prob.n, prob.es, stat_bytes(prob.dtype)
     k = w // g
-    chunks, rows = chunking(b)
+    chunks, rows = chunking(b, d * es)
     piece, acc = rows * d * es, rows * d * fs
     clip = loss == "clip"
     h = _Heap()

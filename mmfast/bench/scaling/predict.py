@@ -208,7 +208,7 @@ def predict_mmfast_ring(
     bld = Builder(prob, cluster, backend)
     from mmfast.distributed.ring import chunking  # torch only when the ring is predicted
 
-    chunks, rows = chunking(b)
+    chunks, rows = chunking(b, d * es)
     piece, acc = rows * d * es, rows * d * fs
 
     # per piece of a chunk: the tiles (B x R), and the elementwise passes (forward: the piece's norms

@@ -94,4 +94,50 @@ TORCH_LIBRARY(mmfast, m) {
   m.def(
       "contrastive_sigmoid_fwd_bwd(Tensor a, Tensor b, Tensor scale, Tensor? bias, Tensor row_w) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // ---- (shifted-)window attention (see csrc/window_attention/) ------------------------------
+  // q, k, v: [B, H, W, heads, head_dim], any strides (views of a fused qkv are fine). Semantics of
+  // mmfast.reference.window_attention.window_attention; pad_then_roll = order "pad_roll". scale is
+  // ignored when logit_scale (Swin v2 cosine attention, already exponentiated) is given. Returns out
+  // [B, H, W, heads, head_dim] in q's dtype and lse [B, H, W, heads] in the compute type (float32, or
+  // float64 for float64 inputs).
+  m.def(
+      "window_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? rel_pos_bias, Tensor? logit_scale, "
+      "Tensor? pad_value, int[] window_size, int[] shift_size, float scale, bool shift_mask, float mask_value, "
+      "bool pad_then_roll) -> (Tensor out, Tensor lse)");
+  // Gradients; empty tensors for absent optional inputs. d_pad_value[0] is zero (padded queries are
+  // cropped away).
+  m.def(
+      "window_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? rel_pos_bias, Tensor? logit_scale, Tensor? pad_value, int[] window_size, int[] shift_size, "
+      "float scale, bool shift_mask, float mask_value, bool pad_then_roll) "
+      "-> (Tensor dq, Tensor dk, Tensor dv, Tensor d_rel_pos_bias, Tensor d_logit_scale, Tensor d_pad_value)");
+  // Roll + pad + partition in one copy: x [B, H, W, C] -> windows [B*nW, Wh*Ww, C]; padded tokens get
+  // pad_value [C] (or zeros).
+  m.def(
+      "window_process(Tensor x, int[] window_size, int[] shift_size, bool pad_then_roll, Tensor? pad_value) "
+      "-> Tensor");
+  // Merge + crop + un-roll: windows [B*nW, Wh*Ww, C] -> [B, H, W, C] with (H, W) = hw. The adjoint of
+  // window_process for x; padded tokens are dropped.
+  m.def(
+      "window_process_reverse(Tensor windows, int[] hw, int[] window_size, int[] shift_size, bool pad_then_roll) "
+      "-> Tensor");
+  // ---- ToMe token merging (see csrc/tome/) ----------------------------------------------------
+  // Bipartite soft matching of metric [B, N, C]: (unm_idx [B, N_A - r], src_idx [B, r],
+  // dst_idx [B, r]) int64, identical to mmfast.reference.tome.matching_indices (r is clamped the
+  // same way; effective r == 0 gives unm_idx = arange(N_A) and empty src/dst).
+  m.def(
+      "tome_match(Tensor metric, int r, bool class_token=False, bool distill_token=False) "
+      "-> (Tensor, Tensor, Tensor)");
+  // Size-weighted merge (reference.tome.merge_wavg): (x_out [B, N - r, C], size_out [B, N - r, 1]).
+  // size None means ones. Empty src_idx (r == 0) is the identity in the original token order.
+  m.def(
+      "tome_merge_wavg(Tensor x, Tensor? size, Tensor unm_idx, Tensor src_idx, Tensor dst_idx) "
+      "-> (Tensor, Tensor)");
+  // Its gradient: (grad_x [B, N, C], grad_size [B, N, 1]); grad_size is the gradient w.r.t. the
+  // implicit ones when size is None.
+  m.def(
+      "tome_merge_wavg_bwd(Tensor grad_x_out, Tensor? grad_size_out, Tensor x, Tensor? size, Tensor unm_idx, "
+      "Tensor src_idx, Tensor dst_idx) -> (Tensor, Tensor)");
+  // out[b, :, h] = softmax((q * scale) @ k^T + log_size[b]) @ v from timm's fused qkv output; inference only.
+  m.def("tome_attention(Tensor qkv, Tensor? log_size, int num_heads, float scale) -> Tensor");
 }

@@ -111,6 +111,40 @@ def _dot_rows(
 
 
 @_jit
+def _scale_bias(SCALE, BIAS, HAS_BIAS: tl.constexpr):
+    """The logit scale and bias (0 without HAS_BIAS), loaded from their 1-element tensors as fp32."""
+    scale = tl.load(SCALE).to(tl.float32)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(BIAS).to(tl.float32)
+    return scale, bias
+
+
+@_jit
+def _block_range(pid, blocks_per_split, L, BLOCK: tl.constexpr):
+    """[lo, hi): the blocks of ``BLOCK`` rows of an ``L``-row side that split ``pid`` walks."""
+    lo = pid * blocks_per_split
+    return lo, tl.minimum(lo + blocks_per_split, tl.cdiv(L, BLOCK))
+
+
+@_jit
+def _logit_tile(
+    A, stride_a, rows, row_ok, a_t, B, stride_b, cols, col_ok, D, scale, bias,
+    D_SINGLE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """fp32 logits ``scale * A[rows] @ B[cols]^T + bias`` of one tile. With D_SINGLE, ``a_t`` is the
+    row block, loaded once by the caller for all its column tiles (else it is not read)."""
+    if D_SINGLE:
+        b_t = _load_rows(B, stride_b, cols, col_ok, 0, D, BLOCK_D, UPCAST)
+        s = tl.dot(a_t, tl.trans(b_t), input_precision=PREC)
+    else:
+        s = _dot_rows(A, stride_a, rows, row_ok, B, stride_b, cols, col_ok, D,
+                      BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PREC)  # fmt: skip
+    return s * scale + bias
+
+
+@_jit
 def _softmax_fwd_kernel(
     A, B, stride_a, stride_b, SCALE, BIAS,
     ROW_LSE, ROW_MEAN, row_part_stride,  # [S_c, M] partials (the outputs when S_c == 1)
@@ -123,12 +157,8 @@ def _softmax_fwd_kernel(
     pid_c = tl.program_id(1).to(tl.int64)
     n_row_progs = tl.num_programs(0)
     n_row_blocks = tl.cdiv(M, BLOCK_M)
-    cb_lo = pid_c * col_blocks_per_split
-    cb_hi = tl.minimum(cb_lo + col_blocks_per_split, tl.cdiv(N, BLOCK_N))
-    scale = tl.load(SCALE).to(tl.float32)
-    bias = 0.0
-    if HAS_BIAS:
-        bias = tl.load(BIAS).to(tl.float32)
+    cb_lo, cb_hi = _block_range(pid_c, col_blocks_per_split, N, BLOCK_N)
+    scale, bias = _scale_bias(SCALE, BIAS, HAS_BIAS)
     col_lse_ptr = COL_LSE + pid_r * col_part_stride
     col_mean_ptr = COL_MEAN + pid_r * col_part_stride
     ar_m = tl.arange(0, BLOCK_M)
@@ -143,18 +173,15 @@ def _softmax_fwd_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max
         s_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum of exp(lg - m_i)
         e_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum of exp(lg - m_i) * lg
+        a_t = None
         if D_SINGLE:
             a_t = _load_rows(A, stride_a, rows, row_ok, 0, D, BLOCK_D, UPCAST)
         for cb in range(cb_lo, cb_hi):
             cols = cb * BLOCK_N + ar_n
             col_ok = cols < N
-            if D_SINGLE:
-                b_t = _load_rows(B, stride_b, cols, col_ok, 0, D, BLOCK_D, UPCAST)
-                s = tl.dot(a_t, tl.trans(b_t), input_precision=PREC)
-            else:
-                s = _dot_rows(A, stride_a, rows, row_ok, B, stride_b, cols, col_ok, D,
-                              BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PREC)  # fmt: skip
-            lg = s * scale + bias  # logits, finite at padded rows / columns
+            # logits, finite at padded rows / columns
+            lg = _logit_tile(A, stride_a, rows, row_ok, a_t, B, stride_b, cols, col_ok, D, scale, bias,
+                             D_SINGLE, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_D)  # fmt: skip
             # row statistics over this program's columns (online softmax)
             lr = tl.where(col_ok[None, :], lg, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(lr, 1))
@@ -216,27 +243,19 @@ def _sigmoid_fwd_kernel(
 ):  # fmt: skip
     pid_r = tl.program_id(0).to(tl.int64)
     pid_c = tl.program_id(1).to(tl.int64)
-    cb_lo = pid_c * col_blocks_per_split
-    cb_hi = tl.minimum(cb_lo + col_blocks_per_split, tl.cdiv(N, BLOCK_N))
-    scale = tl.load(SCALE).to(tl.float32)
-    bias = 0.0
-    if HAS_BIAS:
-        bias = tl.load(BIAS).to(tl.float32)
+    cb_lo, cb_hi = _block_range(pid_c, col_blocks_per_split, N, BLOCK_N)
+    scale, bias = _scale_bias(SCALE, BIAS, HAS_BIAS)
     rows = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    a_t = None
     if D_SINGLE:
         a_t = _load_rows(A, stride_a, rows, row_ok, 0, D, BLOCK_D, UPCAST)
     for cb in range(cb_lo, cb_hi):
         cols = cb * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
-        if D_SINGLE:
-            b_t = _load_rows(B, stride_b, cols, col_ok, 0, D, BLOCK_D, UPCAST)
-            s = tl.dot(a_t, tl.trans(b_t), input_precision=PREC)
-        else:
-            s = _dot_rows(A, stride_a, rows, row_ok, B, stride_b, cols, col_ok, D,
-                          BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PREC)  # fmt: skip
-        lg = s * scale + bias
+        lg = _logit_tile(A, stride_a, rows, row_ok, a_t, B, stride_b, cols, col_ok, D, scale, bias,
+                         D_SINGLE, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_D)  # fmt: skip
         # softplus(l) = max(l, 0) + log1p(exp(-|l|)) with log1p(x) = log(u) * x / (u - 1), u = 1 + x
         # (accurate for tiny x; where u rounds to 1 it is x). NaN stays NaN; +-inf give inf / 0.
         x = tl.exp(-tl.abs(lg))
@@ -273,12 +292,8 @@ def _grad_kernel(
     """
     pid_x = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1).to(tl.int64)
-    yb_lo = pid_s * y_blocks_per_split
-    yb_hi = tl.minimum(yb_lo + y_blocks_per_split, tl.cdiv(LY, BLOCK_Y))
-    scale = tl.load(SCALE).to(tl.float32)
-    bias = 0.0
-    if HAS_BIAS:
-        bias = tl.load(BIAS).to(tl.float32)
+    yb_lo, yb_hi = _block_range(pid_s, y_blocks_per_split, LY, BLOCK_Y)
+    scale, bias = _scale_bias(SCALE, BIAS, HAS_BIAS)
     rows = pid_x * BLOCK_X + tl.arange(0, BLOCK_X)
     x_ok = rows < LX
     ar_y = tl.arange(0, BLOCK_Y)
@@ -507,6 +522,16 @@ def _check_scalar(t: torch.Tensor | None, name: str, device: torch.device, optio
         raise ValueError(f"{name} is on {t.device} but the features are on {device}")
 
 
+def _check_inputs(
+    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[int, int, int]:
+    """What every launcher takes: the features (M, N, D returned), the scale and the optional bias."""
+    M, N, D = _check_features(a, b)
+    _check_scalar(scale, "scale", a.device, optional=False)
+    _check_scalar(bias, "bias", a.device, optional=True)
+    return M, N, D
+
+
 def _vector(t: torch.Tensor, n: int, name: str, device: torch.device) -> torch.Tensor:
     if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.size(0) != n:
         shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -541,9 +566,7 @@ def softmax_fwd(
     Returns float32 ``(row_lse[M], row_mean_logit[M], col_lse[N], col_mean_logit[N])``; the mean logit
     is the softmax-weighted mean ``sum_j p_ij * l_ij`` (rows) or ``sum_i`` (columns).
     """
-    M, N, D = _check_features(a, b)
-    _check_scalar(scale, "scale", a.device, optional=False)
-    _check_scalar(bias, "bias", a.device, optional=True)
+    M, N, D = _check_inputs(a, b, scale, bias)
     cfg = config or default_config("fwd", a)
     block_d, single = _d_block(cfg, D)
     s_r, s_c, per = _fwd_grid(M, N, cfg)
@@ -630,9 +653,7 @@ def softmax_bwd(
     """``da = scale * G^a @ b``, ``db = scale * (G^b)^T @ a`` (float32), with
     ``G^a_ij = a_row_w_i * exp(l_ij - row_lse_i) + a_col_w_j * exp(l_ij - col_lse_j)`` and ``G^b`` the
     same with ``b_row_w`` / ``b_col_w`` (both None: the same weights as ``a``'s)."""
-    M, N, D = _check_features(a, b)
-    _check_scalar(scale, "scale", a.device, optional=False)
-    _check_scalar(bias, "bias", a.device, optional=True)
+    M, N, D = _check_inputs(a, b, scale, bias)
     if (b_row_w is None) != (b_col_w is None):
         raise ValueError("b_row_w and b_col_w must both be given or both be None")
     dev = a.device
@@ -659,9 +680,7 @@ def sigmoid_fwd(
     config: ContrastiveConfig | None = None,
 ) -> torch.Tensor:
     """Row sums ``sum_j softplus(l_ij)`` (float32 [M]): the SigLIP loss with every pair a negative."""
-    M, N, D = _check_features(a, b)
-    _check_scalar(scale, "scale", a.device, optional=False)
-    _check_scalar(bias, "bias", a.device, optional=True)
+    M, N, D = _check_inputs(a, b, scale, bias)
     cfg = config or default_config("fwd", a)
     block_d, single = _d_block(cfg, D)
     n_rb = triton.cdiv(M, cfg.block_m)
@@ -689,9 +708,7 @@ def sigmoid_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradient of ``sum_ij row_w_i * softplus(l_ij)``: float32 ``(da, db, dscale, dbias)`` (0-dim
     scalars), with ``G = row_w_i * sigmoid(l_ij)``, ``dscale = sum G * <a_i, b_j>``, ``dbias = sum G``."""
-    M, N, D = _check_features(a, b)
-    _check_scalar(scale, "scale", a.device, optional=False)
-    _check_scalar(bias, "bias", a.device, optional=True)
+    M, N, D = _check_inputs(a, b, scale, bias)
     w = _vector(row_w, M, "row_w", a.device)
     cfg = config or default_config("bwd", a)
     da, sums = _grad_pass(a, b, scale, bias, cfg, sigmoid=True, lse_x=None, w_x=w, lse_y=None, w_y=None,

@@ -8,9 +8,8 @@ returns what the reference returns for the same inputs (indices exactly, values 
   and argmax, so the ``[N_A, N_B]`` score matrix never goes to memory. The selection (the stable
   descending sort of the ``[B, N_A]`` row maxima, the split into src / unmerged tokens and the
   class-token re-sort) is the reference's own torch code on that small vector.
-* :func:`tome_merge_wavg` / :func:`tome_merge_wavg_bwd` -- ``merge_wavg`` and its gradient, and
-  :func:`tome_merge` -- ``merge(x, mode)`` (``merge_source`` is ``mode="amax"``). One program per
-  output token reads its own input token and the src tokens merged into it, found through a per-item
+* :func:`tome_merge_wavg` / :func:`tome_merge_wavg_bwd` -- ``merge_wavg`` and its gradient. One
+  program per output token reads its own input token and the src tokens merged into it, found through a per-item
   CSR (srcs stably sorted by destination, offsets by ``searchsorted``) built with a few small torch
   ops, with no host synchronisation. Each output row, and in the backward each input-gradient row,
   is written by exactly one program: no atomics, bitwise-reproducible results. x is read once and
@@ -46,8 +45,6 @@ __all__ = [
     "not_supported_reasons",
     "tome_match",
     "tome_match_not_supported_reasons",
-    "tome_merge",
-    "tome_merge_not_supported_reasons",
     "tome_merge_wavg",
     "tome_merge_wavg_bwd",
     "tome_merge_wavg_bwd_not_supported_reasons",
@@ -59,12 +56,6 @@ __all__ = [
 MAX_BWD_C = 8192
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Modes of the merge kernel (constexpr); 0 is the size-weighted average.
-_WAVG = 0
-_MODE_IDS = {"sum": 1, "prod": 2, "mean": 3, "amax": 4, "amin": 5}
-#: The modes of :func:`tome_merge` (those of ``mmfast.reference.tome.MERGE_MODES``; a test holds them equal).
-MERGE_MODES = tuple(_MODE_IDS)
-
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -151,7 +142,57 @@ def _tome_match_kernel(
 
 
 @_jit
-def _tome_merge_kernel(
+def _group_of_rows(own_ptr, off_ptr, n_rows, n_out, BLOCK_T: tl.constexpr):
+    """This program's BLOCK_T output tokens (rows ``b * n_out + t``) and their groups: output token t
+    of item b is input token ``own`` reduced with the ``cnt`` src tokens ``src_tok[b, beg:beg + cnt]``
+    (the CSR of :func:`_groups`). Returns ``(rows, mask_t, b, t, own, beg, cnt)``."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_t = rows < n_rows
+    b = rows // n_out
+    t = rows % n_out
+    own = tl.load(own_ptr + rows, mask=mask_t, other=0)
+    beg = tl.load(off_ptr + b * (n_out + 1) + t, mask=mask_t, other=0)
+    cnt = tl.load(off_ptr + b * (n_out + 1) + t + 1, mask=mask_t, other=0) - beg
+    return rows, mask_t, b, t, own, beg, cnt
+
+
+@_jit
+def _group_member(k, tok_base, cnt2, mask_t2, x_base, size_base, mask_c, stride_xn, stride_sn,
+                  HAS_SIZE: tl.constexpr):
+    """The k-th src token of every group of the block: ``(live, tok, x row, size)``, each [BLOCK_T, 1]
+    but the row. The size is 1 without HAS_SIZE, and 0 where the group has fewer than k + 1 srcs.
+
+    Everything is a [BLOCK_T, 1] column (token index, liveness, size), never a 1-D row: Triton 3.6's
+    layout pass gave a 1-D masked load inside the callers' loops a mask layout that differs from its
+    pointer's, and failed ("mask type matches ptr type") for sm_90a."""
+    live = mask_t2 & (k < cnt2)
+    tok = tl.load(tok_base + k, mask=live, other=0)
+    v = tl.load(x_base + tok * stride_xn, mask=live & mask_c[None, :], other=0.0).to(tl.float32)
+    s = live.to(tl.float32)
+    if HAS_SIZE:
+        s = tl.load(size_base + tok * stride_sn, mask=live, other=0.0).to(tl.float32)
+    return live, tok, v, s
+
+
+@_jit
+def _group_wavg(x_own, s_own, tok_base, cnt, mask_t, x_base, size_base, mask_c, stride_xn, stride_sn,
+                HAS_SIZE: tl.constexpr):
+    """Size-weighted mean of each group (fp32 [BLOCK_T, BLOCK_C]) and its summed size ([BLOCK_T, 1]),
+    from its own row ``x_own`` (size ``s_own``) and its srcs, added in merge order."""
+    acc = x_own * s_own[:, None]
+    cnt2 = cnt[:, None]
+    mask_t2 = mask_t[:, None]
+    s_sum2 = s_own[:, None]
+    for k in range(0, tl.max(cnt, axis=0)):
+        _, _, v, s = _group_member(k, tok_base, cnt2, mask_t2, x_base, size_base, mask_c, stride_xn, stride_sn,
+                                   HAS_SIZE)
+        acc += v * s
+        s_sum2 += s
+    return tl.math.div_rn(acc, tl.zeros_like(acc) + s_sum2), s_sum2
+
+
+@_jit
+def _tome_merge_wavg_kernel(
     x_ptr,
     size_ptr,
     out_ptr,
@@ -168,69 +209,26 @@ def _tome_merge_kernel(
     stride_xc,
     stride_sb,
     stride_sn,
-    MODE: tl.constexpr,
     HAS_SIZE: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    # A program owns BLOCK_T output tokens (rows b * n_out + t) x BLOCK_C features. Output token t
-    # of item b is input token own[b, t] reduced with the src tokens src_tok[b, off[b, t]:off[b, t+1]]
-    # in merge order; the block steps through the k-th src of every token at once.
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    # A program owns BLOCK_T output tokens x BLOCK_C features; the block steps through the k-th src
+    # of every token at once.
+    rows, mask_t, b, t, own, beg, cnt = _group_of_rows(own_ptr, off_ptr, n_rows, n_out, BLOCK_T)
     pid_c = tl.program_id(1)
-    mask_t = rows < n_rows
-    b = rows // n_out
-    t = rows % n_out
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < c
     x_base = x_ptr + b[:, None] * stride_xb + offs_c[None, :] * stride_xc
-    own = tl.load(own_ptr + rows, mask=mask_t, other=0)
-    beg = tl.load(off_ptr + b * (n_out + 1) + t, mask=mask_t, other=0)
-    cnt = tl.load(off_ptr + b * (n_out + 1) + t + 1, mask=mask_t, other=0) - beg
-    acc = tl.load(x_base + own[:, None] * stride_xn, mask=mask_t[:, None] & mask_c[None, :], other=0.0)
-    acc = acc.to(tl.float32)
-    s_sum = tl.full([BLOCK_T], 1.0, tl.float32)
-    if MODE == 0:
-        if HAS_SIZE:
-            s_sum = tl.load(size_ptr + b * stride_sb + own * stride_sn, mask=mask_t, other=1.0).to(tl.float32)
-            acc = acc * s_sum[:, None]
-    # The loop works on [BLOCK_T, 1] columns (token index, liveness, size), never 1-D rows: Triton
-    # 3.6's layout pass gave a 1-D masked load inside this loop a mask layout that differs from its
-    # pointer's, and failed ("mask type matches ptr type") for sm_90a.
-    tok_base = (src_tok_ptr + b * r + beg)[:, None]
-    cnt2 = cnt[:, None]
-    mask_t2 = mask_t[:, None]
-    s_sum2 = s_sum[:, None]
-    for k in range(0, tl.max(cnt, axis=0)):
-        live = mask_t2 & (k < cnt2)
-        tok = tl.load(tok_base + k, mask=live, other=0)
-        v = tl.load(x_base + tok * stride_xn, mask=live & mask_c[None, :], other=0.0)
-        v = v.to(tl.float32)
-        if MODE == 0:
-            if HAS_SIZE:
-                s = tl.load((size_ptr + b * stride_sb)[:, None] + tok * stride_sn, mask=live, other=0.0)
-                s = s.to(tl.float32)
-                acc += v * s
-                s_sum2 += s
-            else:
-                acc += v
-                s_sum2 += live.to(tl.float32)
-        elif MODE == 1 or MODE == 3:
-            acc += v
-        elif MODE == 2:
-            acc = tl.where(live, acc * v, acc)
-        elif MODE == 4:
-            acc = tl.where(live, tl.maximum(acc, v, propagate_nan=tl.PropagateNan.ALL), acc)
-        else:
-            acc = tl.where(live, tl.minimum(acc, v, propagate_nan=tl.PropagateNan.ALL), acc)
-    if MODE == 0:
-        s_sum = tl.sum(s_sum2, axis=1)
-        acc = tl.math.div_rn(acc, tl.zeros_like(acc) + s_sum2)
-        tl.store(size_out_ptr + rows, s_sum, mask=mask_t & (pid_c == 0))
-    elif MODE == 3:
-        acc = acc / (cnt + 1).to(tl.float32)[:, None]
-    out = out_ptr + rows[:, None] * c + offs_c[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_c[None, :])
+    x_own = tl.load(x_base + own[:, None] * stride_xn, mask=mask_t[:, None] & mask_c[None, :], other=0.0)
+    s_own = tl.full([BLOCK_T], 1.0, tl.float32)
+    if HAS_SIZE:
+        s_own = tl.load(size_ptr + b * stride_sb + own * stride_sn, mask=mask_t, other=1.0).to(tl.float32)
+    out, s_sum2 = _group_wavg(x_own.to(tl.float32), s_own, (src_tok_ptr + b * r + beg)[:, None], cnt, mask_t,
+                              x_base, (size_ptr + b * stride_sb)[:, None], mask_c, stride_xn, stride_sn, HAS_SIZE)
+    tl.store(size_out_ptr + rows, tl.sum(s_sum2, axis=1), mask=mask_t & (pid_c == 0))
+    out_ptrs = out_ptr + rows[:, None] * c + offs_c[None, :]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_c[None, :])
 
 
 @_jit
@@ -268,45 +266,24 @@ def _tome_merge_wavg_bwd_kernel(
     #   grad_x_i = s_i q   and   grad_s_i = <q, x_i - out_t> + grad_size_out_t.
     # Whole rows are one block (the size gradient is a dot over the row); out_t is recomputed here
     # and each member's gradient is written by this program only.
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    mask_t = rows < n_rows
-    b = rows // n_out
-    t = rows % n_out
+    rows, mask_t, b, t, own, beg, cnt = _group_of_rows(own_ptr, off_ptr, n_rows, n_out, BLOCK_T)
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < c
     m2 = mask_t[:, None] & mask_c[None, :]
     x_base = x_ptr + b[:, None] * stride_xb + offs_c[None, :] * stride_xc
     gx_base = gx_ptr + b[:, None] * n * c + offs_c[None, :]
-    own = tl.load(own_ptr + rows, mask=mask_t, other=0)
-    beg = tl.load(off_ptr + b * (n_out + 1) + t, mask=mask_t, other=0)
-    cnt = tl.load(off_ptr + b * (n_out + 1) + t + 1, mask=mask_t, other=0) - beg
-    max_cnt = tl.max(cnt, axis=0)
     x_own = tl.load(x_base + own[:, None] * stride_xn, mask=m2, other=0.0).to(tl.float32)
     s_own = tl.full([BLOCK_T], 1.0, tl.float32)
     if HAS_SIZE:
         s_own = tl.load(size_ptr + b * stride_sb + own * stride_sn, mask=mask_t, other=1.0).to(tl.float32)
-    acc = x_own * s_own[:, None]
-    # [BLOCK_T, 1] columns in the loops, as in _tome_merge_kernel (Triton 3.6's layout pass)
     tok_base = (src_tok_ptr + b * r + beg)[:, None]
     size_base = (size_ptr + b * stride_sb)[:, None]
-    cnt2 = cnt[:, None]
-    mask_t2 = mask_t[:, None]
-    s_sum2 = s_own[:, None]
-    for k in range(0, max_cnt):
-        live = mask_t2 & (k < cnt2)
-        tok = tl.load(tok_base + k, mask=live, other=0)
-        v = tl.load(x_base + tok * stride_xn, mask=live & mask_c[None, :], other=0.0)
-        s = live.to(tl.float32)
-        if HAS_SIZE:
-            s = tl.load(size_base + tok * stride_sn, mask=live, other=0.0).to(tl.float32)
-        acc += v.to(tl.float32) * s
-        s_sum2 += s
-    s_mat = tl.zeros_like(acc) + s_sum2
-    out = tl.math.div_rn(acc, s_mat)
+    out, s_sum2 = _group_wavg(x_own, s_own, tok_base, cnt, mask_t, x_base, size_base, mask_c, stride_xn,
+                              stride_sn, HAS_SIZE)
     g = tl.load(
         gout_ptr + b[:, None] * stride_gb + t[:, None] * stride_gn + offs_c[None, :] * stride_gc, mask=m2
     )
-    q = tl.math.div_rn(g.to(tl.float32), s_mat)
+    q = tl.math.div_rn(g.to(tl.float32), tl.zeros_like(out) + s_sum2)
     q = tl.where(m2, q, 0.0)
     gsz = tl.zeros([BLOCK_T], tl.float32)
     if HAS_GSIZE:
@@ -315,15 +292,13 @@ def _tome_merge_wavg_bwd_kernel(
     tl.store(gs_ptr + b * n + own, tl.sum(q * (x_own - out), axis=1) + gsz, mask=mask_t)
     gs_base = (gs_ptr + b * n)[:, None]
     gsz2 = gsz[:, None]
-    for k in range(0, max_cnt):
-        live = mask_t2 & (k < cnt2)
-        tok = tl.load(tok_base + k, mask=live, other=0)
-        v = tl.load(x_base + tok * stride_xn, mask=live & mask_c[None, :], other=0.0)
-        s = live.to(tl.float32)
-        if HAS_SIZE:
-            s = tl.load(size_base + tok * stride_sn, mask=live, other=0.0).to(tl.float32)
+    cnt2 = cnt[:, None]
+    mask_t2 = mask_t[:, None]
+    for k in range(0, tl.max(cnt, axis=0)):
+        live, tok, v, s = _group_member(k, tok_base, cnt2, mask_t2, x_base, size_base, mask_c, stride_xn,
+                                        stride_sn, HAS_SIZE)
         tl.store(gx_base + tok * c, (q * s).to(gx_ptr.dtype.element_ty), mask=live & mask_c[None, :])
-        tl.store(gs_base + tok, tl.sum(q * (v.to(tl.float32) - out), axis=1, keep_dims=True) + gsz2, mask=live)
+        tl.store(gs_base + tok, tl.sum(q * (v - out), axis=1, keep_dims=True) + gsz2, mask=live)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -390,32 +365,16 @@ def tome_merge_wavg_bwd_not_supported_reasons(
     src_idx: torch.Tensor | None = None,
     dst_idx: torch.Tensor | None = None,
 ) -> list[str]:
-    """Why :func:`tome_merge_wavg_bwd` cannot run these inputs here (empty when it can)."""
-    reasons = _common_reasons(
-        grad_x_out=grad_x_out,
-        grad_size_out=grad_size_out,
-        x=x,
-        size=size,
-        unm_idx=unm_idx,
-        src_idx=src_idx,
-        dst_idx=dst_idx,
-    )
+    """Why :func:`tome_merge_wavg_bwd` cannot run these inputs here (empty when it can): the
+    forward's reasons, those of the gradients, and the width limit."""
+    reasons = _common_reasons(grad_x_out=grad_x_out, grad_size_out=grad_size_out)
+    if triton is not None:  # else the line above said it, once
+        reasons += tome_merge_wavg_not_supported_reasons(x, size, unm_idx, src_idx, dst_idx)
     if isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[-1] > MAX_BWD_C:
         reasons.append(
             f"x has {x.shape[-1]} features; the backward keeps a row in one block, at most {MAX_BWD_C}"
         )
     return reasons
-
-
-def tome_merge_not_supported_reasons(
-    x: torch.Tensor,
-    unm_idx: torch.Tensor | None = None,
-    src_idx: torch.Tensor | None = None,
-    dst_idx: torch.Tensor | None = None,
-    mode: str = "mean",
-) -> list[str]:
-    """Why :func:`tome_merge` cannot run these inputs here (empty when it can)."""
-    return _common_reasons(x=x, unm_idx=unm_idx, src_idx=src_idx, dst_idx=dst_idx)
 
 
 def _raise_unsupported(op: str, reasons: list[str]) -> None:
@@ -584,54 +543,6 @@ def tome_match(
     return unm_idx.contiguous(), src_idx.contiguous(), dst_idx.contiguous()
 
 
-def _launch_merge(
-    x: torch.Tensor,
-    size: torch.Tensor | None,
-    unm_idx: torch.Tensor,
-    src_idx: torch.Tensor,
-    dst_idx: torch.Tensor,
-    mode_id: int,
-    out_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    bsz, n, c = x.shape
-    own, offsets, src_tok = _groups(n, unm_idx, src_idx, dst_idx)
-    n_out = own.shape[1]
-    out = torch.empty(bsz, n_out, c, dtype=out_dtype, device=x.device)
-    size_out = torch.empty(bsz, n_out, 1, dtype=torch.float32, device=x.device)
-    if bsz * n_out == 0:
-        return out, size_out
-    # ~4K elements per program: registers on a GPU, few programs for the interpreter.
-    block_c = min(1024, max(16, _next_pow2(c)))
-    block_t = max(1, min(64, 4096 // block_c))
-    n_rows = bsz * n_out
-    grid = (triton.cdiv(n_rows, block_t), max(1, triton.cdiv(c, block_c)))  # C == 0 still sums sizes
-    s = size if size is not None else x  # any valid pointer when HAS_SIZE is False
-    _tome_merge_kernel[grid](
-        x,
-        s,
-        out,
-        size_out,
-        own,
-        offsets,
-        src_tok,
-        n_rows,
-        n_out,
-        src_tok.shape[1],
-        c,
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        s.stride(0),
-        s.stride(1),
-        MODE=mode_id,
-        HAS_SIZE=size is not None,
-        BLOCK_T=block_t,
-        BLOCK_C=block_c,
-        num_warps=8,
-    )
-    return out, size_out
-
-
 @on_tensor_device
 def tome_merge_wavg(
     x: torch.Tensor,
@@ -655,26 +566,42 @@ def tome_merge_wavg(
         "tome_merge_wavg", tome_merge_wavg_not_supported_reasons(x, size, unm_idx, src_idx, dst_idx)
     )
     size_dtype = size.dtype if size is not None else x.dtype
-    out_dtype = torch.promote_types(x.dtype, size_dtype)
-    out, size_out = _launch_merge(x, size, unm_idx, src_idx, dst_idx, _WAVG, out_dtype)
+    bsz, n, c = x.shape
+    own, offsets, src_tok = _groups(n, unm_idx, src_idx, dst_idx)
+    n_out = own.shape[1]
+    out = torch.empty(bsz, n_out, c, dtype=torch.promote_types(x.dtype, size_dtype), device=x.device)
+    size_out = torch.empty(bsz, n_out, 1, dtype=torch.float32, device=x.device)
+    if bsz * n_out == 0:
+        return out, size_out.to(size_dtype)
+    # ~4K elements per program: registers on a GPU, few programs for the interpreter.
+    block_c = min(1024, max(16, _next_pow2(c)))
+    block_t = max(1, min(64, 4096 // block_c))
+    n_rows = bsz * n_out
+    grid = (triton.cdiv(n_rows, block_t), max(1, triton.cdiv(c, block_c)))  # C == 0 still sums sizes
+    s = size if size is not None else x  # any valid pointer when HAS_SIZE is False
+    _tome_merge_wavg_kernel[grid](
+        x,
+        s,
+        out,
+        size_out,
+        own,
+        offsets,
+        src_tok,
+        n_rows,
+        n_out,
+        src_tok.shape[1],
+        c,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        s.stride(0),
+        s.stride(1),
+        HAS_SIZE=size is not None,
+        BLOCK_T=block_t,
+        BLOCK_C=block_c,
+        num_warps=8,
+    )
     return out, size_out.to(size_dtype)
-
-
-@on_tensor_device
-def tome_merge(
-    x: torch.Tensor, unm_idx: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor, mode: str = "mean"
-) -> torch.Tensor:
-    """``merge(x, mode)`` of ``reference.tome.bipartite_soft_matching`` for these indices.
-
-    ``mode``: one of ``sum``, ``prod``, ``mean``, ``amax``, ``amin`` (``scatter_reduce`` with
-    ``include_self=True``); ``merge_source`` is ``mode="amax"`` on the 0/1 source matrix. Returns
-    ``[B, N - r, C]`` in x's dtype, accumulated in fp32. Empty ``src_idx`` returns a copy of x.
-    """
-    if mode not in _MODE_IDS:
-        raise ValueError(f"tome_merge: mode must be one of {MERGE_MODES}, got {mode!r}")
-    _check_merge_args("tome_merge", x, None, unm_idx, src_idx, dst_idx)
-    _raise_unsupported("tome_merge", tome_merge_not_supported_reasons(x, unm_idx, src_idx, dst_idx, mode))
-    return _launch_merge(x, None, unm_idx, src_idx, dst_idx, _MODE_IDS[mode], x.dtype)[0]
 
 
 @on_tensor_device

@@ -188,6 +188,78 @@ def _logits(q, k, inv_q, inv_k, mult, q_iy, q_ix, k_iy, k_ix, q_valid, k_valid, 
 
 
 @jit
+def _program_block(HEADS, NB):
+    """(head, token block, window or window group) of this program: the grid is windows x blocks x
+    heads, heads fastest."""
+    pid = tl.program_id(0)
+    rest = pid // HEADS
+    return pid % HEADS, rest % NB, rest // NB
+
+
+@jit
+def _logit_mult(LS, head, s_ls, scale, COSINE: tl.constexpr):
+    """What the head's logits are multiplied by: ``logit_scale[head]`` (cosine) or ``scale``."""
+    if COSINE:
+        mult = tl.load(LS + head * s_ls).to(tl.float32)
+    else:
+        mult = scale
+    return mult
+
+
+@jit
+def _row_stats(x, py, px, HP, WP, SH, SW, WH: tl.constexpr, WW: tl.constexpr,
+               MASK_H: tl.constexpr, MASK_W: tl.constexpr):
+    """(norm, 1 / max(norm, eps), shift-mask region id) of a block's rows."""
+    nrm, inv = _inv_norm(x)
+    return nrm, inv, _region(py, px, HP, WP, SH, SW, WH, WW, MASK_H, MASK_W)
+
+
+@jit
+def _query_block(Q, PADV, qb, win, head, d, dmask, sq_b, sq_h, sq_w, sq_n, sq_d, s_pn, s_pd,
+                 H, W, HP, WP, NWW, NWIN, SH, SW,
+                 WH: tl.constexpr, WW: tl.constexpr, BLOCK: tl.constexpr, HAS_PAD: tl.constexpr,
+                 PAD_ROLL: tl.constexpr):
+    """Query block ``qb`` of window ``win``: its tokens (as :func:`_window_tokens`) and q rows.
+    Returns ``(b, valid, real, iy, ix, py, px, sy, sx, q)``."""
+    b, valid, real, pad, iy, ix, py, px, sy, sx = _window_tokens(
+        qb, win, NWIN, NWW, H, W, HP, WP, SH, SW, WH, WW, BLOCK, PAD_ROLL)
+    q_off = _row_offsets(b, sy, sx, head, sq_b, sq_h, sq_w, sq_n)
+    q = _load_rows(Q, q_off, sq_d, real, pad, PADV + head * s_pn, s_pd, d, dmask, HAS_PAD)
+    return b, valid, real, iy, ix, py, px, sy, sx, q
+
+
+@jit
+def _query_grad_rows(DO, LSE, DELTA, b, sy, sx, head, real, d, dmask,
+                     sdo_b, sdo_h, sdo_w, sdo_n, sdo_d, sl_b, sl_h, sl_w, sl_n, H, W, HEADS):
+    """dout rows, lse and delta of a query block (padded / invalid rows: 0, +inf, 0)."""
+    do_off = _row_offsets(b, sy, sx, head, sdo_b, sdo_h, sdo_w, sdo_n)
+    do = tl.load(DO + do_off[:, None] + d[None, :] * sdo_d, mask=real[:, None] & dmask[None, :],
+                 other=0.0).to(tl.float32)
+    l_off = _row_offsets(b, sy, sx, head, sl_b, sl_h, sl_w, sl_n)
+    lse = tl.load(LSE + l_off, mask=real, other=float("inf"))
+    delta = tl.load(DELTA + ((b.to(tl.int64) * H + sy) * W + sx) * HEADS + head, mask=real, other=0.0)
+    return do, lse, delta
+
+
+@jit
+def _key_block(K, V, PADV, kb, win, head, d, dmask,
+               sk_b, sk_h, sk_w, sk_n, sk_d, sv_b, sv_h, sv_w, sv_n, sv_d, s_p0, s_pn, s_pd,
+               H, W, HP, WP, NWW, NWIN, SH, SW,
+               WH: tl.constexpr, WW: tl.constexpr, BLOCK: tl.constexpr, HAS_PAD: tl.constexpr,
+               MASK_H: tl.constexpr, MASK_W: tl.constexpr, PAD_ROLL: tl.constexpr):
+    """Key block ``kb`` of window ``win``: its tokens, k and v rows, the k norms and region ids.
+    Returns ``(b, valid, real, pad, iy, ix, sy, sx, k, v, nrm, inv, reg)``."""
+    b, valid, real, pad, iy, ix, py, px, sy, sx = _window_tokens(
+        kb, win, NWIN, NWW, H, W, HP, WP, SH, SW, WH, WW, BLOCK, PAD_ROLL)
+    k_off = _row_offsets(b, sy, sx, head, sk_b, sk_h, sk_w, sk_n)
+    k = _load_rows(K, k_off, sk_d, real, pad, PADV + s_p0 + head * s_pn, s_pd, d, dmask, HAS_PAD)
+    v_off = _row_offsets(b, sy, sx, head, sv_b, sv_h, sv_w, sv_n)
+    v = _load_rows(V, v_off, sv_d, real, pad, PADV + 2 * s_p0 + head * s_pn, s_pd, d, dmask, HAS_PAD)
+    nrm, inv, reg = _row_stats(k, py, px, HP, WP, SH, SW, WH, WW, MASK_H, MASK_W)
+    return b, valid, real, pad, iy, ix, sy, sx, k, v, nrm, inv, reg
+
+
+@jit
 def _fwd_kernel(
     Q, K, V, BIAS, LS, PADV, OUT, LSE,
     sq_b, sq_h, sq_w, sq_n, sq_d,
@@ -202,38 +274,23 @@ def _fwd_kernel(
     MASK_H: tl.constexpr, MASK_W: tl.constexpr, USE_MASK: tl.constexpr, PAD_ROLL: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    head = pid % HEADS
-    rest = pid // HEADS
-    qb = rest % NB
-    win = rest // NB
-
+    head, qb, win = _program_block(HEADS, NB)
     d = tl.arange(0, BLOCK_D)
     dmask = d < HEAD_DIM
-    b, q_valid, q_real, q_pad, q_iy, q_ix, q_py, q_px, q_sy, q_sx = _window_tokens(
-        qb, win, NWIN, NWW, H, W, HP, WP, SH, SW, WH, WW, BLOCK, PAD_ROLL)
-    q_off = _row_offsets(b, q_sy, q_sx, head, sq_b, sq_h, sq_w, sq_n)
-    q = _load_rows(Q, q_off, sq_d, q_real, q_pad, PADV + head * s_pn, s_pd, d, dmask, HAS_PAD)
-    q_nrm, inv_q = _inv_norm(q)
-    if COSINE:
-        mult = tl.load(LS + head * s_ls).to(tl.float32)
-    else:
-        mult = scale
-    q_reg = _region(q_py, q_px, HP, WP, SH, SW, WH, WW, MASK_H, MASK_W)
+    b, q_valid, q_real, q_iy, q_ix, q_py, q_px, q_sy, q_sx, q = _query_block(
+        Q, PADV, qb, win, head, d, dmask, sq_b, sq_h, sq_w, sq_n, sq_d, s_pn, s_pd,
+        H, W, HP, WP, NWW, NWIN, SH, SW, WH, WW, BLOCK, HAS_PAD, PAD_ROLL)
+    q_nrm, inv_q, q_reg = _row_stats(q, q_py, q_px, HP, WP, SH, SW, WH, WW, MASK_H, MASK_W)
+    mult = _logit_mult(LS, head, s_ls, scale, COSINE)
     bias_ptr = BIAS + head * s_bn
 
     m_i = tl.full([BLOCK], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK], tl.float32)
     acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
     for kb in range(NB):
-        _, k_valid, k_real, k_pad, k_iy, k_ix, k_py, k_px, k_sy, k_sx = _window_tokens(
-            kb, win, NWIN, NWW, H, W, HP, WP, SH, SW, WH, WW, BLOCK, PAD_ROLL)
-        k_off = _row_offsets(b, k_sy, k_sx, head, sk_b, sk_h, sk_w, sk_n)
-        k = _load_rows(K, k_off, sk_d, k_real, k_pad, PADV + s_p0 + head * s_pn, s_pd, d, dmask, HAS_PAD)
-        v_off = _row_offsets(b, k_sy, k_sx, head, sv_b, sv_h, sv_w, sv_n)
-        v = _load_rows(V, v_off, sv_d, k_real, k_pad, PADV + 2 * s_p0 + head * s_pn, s_pd, d, dmask, HAS_PAD)
-        k_nrm, inv_k = _inv_norm(k)
-        k_reg = _region(k_py, k_px, HP, WP, SH, SW, WH, WW, MASK_H, MASK_W)
+        _, k_valid, k_real, k_pad, k_iy, k_ix, k_sy, k_sx, k, v, k_nrm, inv_k, k_reg = _key_block(
+            K, V, PADV, kb, win, head, d, dmask, sk_b, sk_h, sk_w, sk_n, sk_d, sv_b, sv_h, sv_w, sv_n, sv_d,
+            s_p0, s_pn, s_pd, H, W, HP, WP, NWW, NWIN, SH, SW, WH, WW, BLOCK, HAS_PAD, MASK_H, MASK_W, PAD_ROLL)
         s, _ = _logits(q, k, inv_q, inv_k, mult, q_iy, q_ix, k_iy, k_ix, q_valid, k_valid, q_reg, k_reg,
                        bias_ptr, s_bt, mask_value, WH, WW, COSINE, HAS_BIAS, USE_MASK, DOT_PREC)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -293,19 +350,11 @@ def _bwd_dkdv_kernel(
     DOT_PREC: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    head = pid % HEADS
-    rest = pid // HEADS
-    kb = rest % NB
-    g = rest // NB
+    head, kb, g = _program_block(HEADS, NB)
     NP: tl.constexpr = NB * BLOCK
-
     d = tl.arange(0, BLOCK_D)
     dmask = d < HEAD_DIM
-    if COSINE:
-        mult = tl.load(LS + head * s_ls).to(tl.float32)
-    else:
-        mult = scale
+    mult = _logit_mult(LS, head, s_ls, scale, COSINE)
     bias_ptr = BIAS + head * s_bn
     # where this program's parameter-gradient partials go: its own slot (deterministic) or a shared
     # slot updated with atomics
@@ -326,31 +375,19 @@ def _bwd_dkdv_kernel(
     win_lo = g * G
     win_hi = tl.minimum(win_lo + G, N_WIN_TOTAL)
     for win in range(win_lo, win_hi):
-        b, k_valid, k_real, k_pad, k_iy, k_ix, k_py, k_px, k_sy, k_sx = _window_tokens(
-            kb, win, NWIN, NWW, H, W, HP, WP, SH, SW, WH, WW, BLOCK, PAD_ROLL)
-        k_off = _row_offsets(b, k_sy, k_sx, head, sk_b, sk_h, sk_w, sk_n)
-        k = _load_rows(K, k_off, sk_d, k_real, k_pad, PADV + s_p0 + head * s_pn, s_pd, d, dmask, HAS_PAD)
-        v_off = _row_offsets(b, k_sy, k_sx, head, sv_b, sv_h, sv_w, sv_n)
-        v = _load_rows(V, v_off, sv_d, k_real, k_pad, PADV + 2 * s_p0 + head * s_pn, s_pd, d, dmask, HAS_PAD)
-        k_nrm, inv_k = _inv_norm(k)
-        k_reg = _region(k_py, k_px, HP, WP, SH, SW, WH, WW, MASK_H, MASK_W)
+        b, k_valid, k_real, k_pad, k_iy, k_ix, k_sy, k_sx, k, v, k_nrm, inv_k, k_reg = _key_block(
+            K, V, PADV, kb, win, head, d, dmask, sk_b, sk_h, sk_w, sk_n, sk_d, sv_b, sv_h, sv_w, sv_n, sv_d,
+            s_p0, s_pn, s_pd, H, W, HP, WP, NWW, NWIN, SH, SW, WH, WW, BLOCK, HAS_PAD, MASK_H, MASK_W, PAD_ROLL)
 
         dk_acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
         dv_acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
         for qb in range(NB):
-            _, q_valid, q_real, q_pad, q_iy, q_ix, q_py, q_px, q_sy, q_sx = _window_tokens(
-                qb, win, NWIN, NWW, H, W, HP, WP, SH, SW, WH, WW, BLOCK, PAD_ROLL)
-            q_off = _row_offsets(b, q_sy, q_sx, head, sq_b, sq_h, sq_w, sq_n)
-            q = _load_rows(Q, q_off, sq_d, q_real, q_pad, PADV + head * s_pn, s_pd, d, dmask, HAS_PAD)
-            do_off = _row_offsets(b, q_sy, q_sx, head, sdo_b, sdo_h, sdo_w, sdo_n)
-            do = tl.load(DO + do_off[:, None] + d[None, :] * sdo_d, mask=q_real[:, None] & dmask[None, :],
-                         other=0.0).to(tl.float32)
-            l_off = _row_offsets(b, q_sy, q_sx, head, sl_b, sl_h, sl_w, sl_n)
-            lse = tl.load(LSE + l_off, mask=q_real, other=float("inf"))
-            delta = tl.load(DELTA + ((b.to(tl.int64) * H + q_sy) * W + q_sx) * HEADS + head, mask=q_real,
-                            other=0.0)
-            q_nrm, inv_q = _inv_norm(q)
-            q_reg = _region(q_py, q_px, HP, WP, SH, SW, WH, WW, MASK_H, MASK_W)
+            _, q_valid, q_real, q_iy, q_ix, q_py, q_px, q_sy, q_sx, q = _query_block(
+                Q, PADV, qb, win, head, d, dmask, sq_b, sq_h, sq_w, sq_n, sq_d, s_pn, s_pd,
+                H, W, HP, WP, NWW, NWIN, SH, SW, WH, WW, BLOCK, HAS_PAD, PAD_ROLL)
+            do, lse, delta = _query_grad_rows(DO, LSE, DELTA, b, q_sy, q_sx, head, q_real, d, dmask,
+                                              sdo_b, sdo_h, sdo_w, sdo_n, sdo_d, sl_b, sl_h, sl_w, sl_n, H, W, HEADS)
+            q_nrm, inv_q, q_reg = _row_stats(q, q_py, q_px, HP, WP, SH, SW, WH, WW, MASK_H, MASK_W)
             s, cos = _logits(q, k, inv_q, inv_k, mult, q_iy, q_ix, k_iy, k_ix, q_valid, k_valid, q_reg,
                              k_reg, bias_ptr, s_bt, mask_value, WH, WW, COSINE, HAS_BIAS, USE_MASK, DOT_PREC)
             p = tl.exp(s - lse[:, None])  # padded / invalid query rows: lse = +inf -> p = 0
@@ -422,42 +459,23 @@ def _bwd_dq_kernel(
     MASK_H: tl.constexpr, MASK_W: tl.constexpr, USE_MASK: tl.constexpr, PAD_ROLL: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    head = pid % HEADS
-    rest = pid // HEADS
-    qb = rest % NB
-    win = rest // NB
-
+    head, qb, win = _program_block(HEADS, NB)
     d = tl.arange(0, BLOCK_D)
     dmask = d < HEAD_DIM
-    if COSINE:
-        mult = tl.load(LS + head * s_ls).to(tl.float32)
-    else:
-        mult = scale
+    mult = _logit_mult(LS, head, s_ls, scale, COSINE)
     bias_ptr = BIAS + head * s_bn
-    b, q_valid, q_real, q_pad, q_iy, q_ix, q_py, q_px, q_sy, q_sx = _window_tokens(
-        qb, win, NWIN, NWW, H, W, HP, WP, SH, SW, WH, WW, BLOCK, PAD_ROLL)
-    q_off = _row_offsets(b, q_sy, q_sx, head, sq_b, sq_h, sq_w, sq_n)
-    q = _load_rows(Q, q_off, sq_d, q_real, q_pad, PADV + head * s_pn, s_pd, d, dmask, HAS_PAD)
-    do_off = _row_offsets(b, q_sy, q_sx, head, sdo_b, sdo_h, sdo_w, sdo_n)
-    do = tl.load(DO + do_off[:, None] + d[None, :] * sdo_d, mask=q_real[:, None] & dmask[None, :],
-                 other=0.0).to(tl.float32)
-    l_off = _row_offsets(b, q_sy, q_sx, head, sl_b, sl_h, sl_w, sl_n)
-    lse = tl.load(LSE + l_off, mask=q_real, other=float("inf"))
-    delta = tl.load(DELTA + ((b.to(tl.int64) * H + q_sy) * W + q_sx) * HEADS + head, mask=q_real, other=0.0)
-    q_nrm, inv_q = _inv_norm(q)
-    q_reg = _region(q_py, q_px, HP, WP, SH, SW, WH, WW, MASK_H, MASK_W)
+    b, q_valid, q_real, q_iy, q_ix, q_py, q_px, q_sy, q_sx, q = _query_block(
+        Q, PADV, qb, win, head, d, dmask, sq_b, sq_h, sq_w, sq_n, sq_d, s_pn, s_pd,
+        H, W, HP, WP, NWW, NWIN, SH, SW, WH, WW, BLOCK, HAS_PAD, PAD_ROLL)
+    do, lse, delta = _query_grad_rows(DO, LSE, DELTA, b, q_sy, q_sx, head, q_real, d, dmask,
+                                      sdo_b, sdo_h, sdo_w, sdo_n, sdo_d, sl_b, sl_h, sl_w, sl_n, H, W, HEADS)
+    q_nrm, inv_q, q_reg = _row_stats(q, q_py, q_px, HP, WP, SH, SW, WH, WW, MASK_H, MASK_W)
 
     dq_acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
     for kb in range(NB):
-        _, k_valid, k_real, k_pad, k_iy, k_ix, k_py, k_px, k_sy, k_sx = _window_tokens(
-            kb, win, NWIN, NWW, H, W, HP, WP, SH, SW, WH, WW, BLOCK, PAD_ROLL)
-        k_off = _row_offsets(b, k_sy, k_sx, head, sk_b, sk_h, sk_w, sk_n)
-        k = _load_rows(K, k_off, sk_d, k_real, k_pad, PADV + s_p0 + head * s_pn, s_pd, d, dmask, HAS_PAD)
-        v_off = _row_offsets(b, k_sy, k_sx, head, sv_b, sv_h, sv_w, sv_n)
-        v = _load_rows(V, v_off, sv_d, k_real, k_pad, PADV + 2 * s_p0 + head * s_pn, s_pd, d, dmask, HAS_PAD)
-        k_nrm, inv_k = _inv_norm(k)
-        k_reg = _region(k_py, k_px, HP, WP, SH, SW, WH, WW, MASK_H, MASK_W)
+        _, k_valid, k_real, k_pad, k_iy, k_ix, k_sy, k_sx, k, v, k_nrm, inv_k, k_reg = _key_block(
+            K, V, PADV, kb, win, head, d, dmask, sk_b, sk_h, sk_w, sk_n, sk_d, sv_b, sv_h, sv_w, sv_n, sv_d,
+            s_p0, s_pn, s_pd, H, W, HP, WP, NWW, NWIN, SH, SW, WH, WW, BLOCK, HAS_PAD, MASK_H, MASK_W, PAD_ROLL)
         s, _ = _logits(q, k, inv_q, inv_k, mult, q_iy, q_ix, k_iy, k_ix, q_valid, k_valid, q_reg, k_reg,
                        bias_ptr, s_bt, mask_value, WH, WW, COSINE, HAS_BIAS, USE_MASK, DOT_PREC)
         p = tl.exp(s - lse[:, None])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -24,15 +25,23 @@ def check_exchange(exchange) -> None:
         raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
 
 
+def _check_float_tensor(value, name: str, shape_ok: Callable[[Tensor], bool], shape: str,
+                        kind: str = "a tensor") -> None:
+    """In this order: TypeError unless ``value`` is a tensor (``kind`` names what else was allowed),
+    ValueError unless ``shape_ok(value)`` (``shape`` describes it), TypeError unless it is floating point."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
+    if not shape_ok(value):
+        raise ValueError(f"{name} must be {shape}, got shape {tuple(value.shape)}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {value.dtype}")
+
+
 def _as_scalar_tensor(value, name: str, like: Tensor) -> Tensor:
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return torch.tensor(float(value), dtype=torch.float32, device=like.device)
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a tensor or a real number, got {type(value).__name__}")
-    if value.numel() != 1:
-        raise ValueError(f"{name} must be a scalar (one element), got shape {tuple(value.shape)}")
-    if not value.is_floating_point():
-        raise TypeError(f"{name} must be floating point, got {value.dtype}")
+    _check_float_tensor(value, name, lambda x: x.numel() == 1, "a scalar (one element)",
+                        kind="a tensor or a real number")
     if value.device != like.device:
         if value.device.type == "cpu":
             value = value.to(like.device)
@@ -43,12 +52,7 @@ def _as_scalar_tensor(value, name: str, like: Tensor) -> Tensor:
 
 def _check_features(image: Tensor, text: Tensor) -> None:
     for name, t in (("image_features", image), ("text_features", text)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be 2-D [batch, dim], got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be floating point, got {t.dtype}")
+        _check_float_tensor(t, name, lambda x: x.dim() == 2, "2-D [batch, dim]")
         if t.shape[0] < 1:
             raise ValueError(f"{name} has an empty batch")
     if image.shape != text.shape:

@@ -134,11 +134,6 @@ Tensor tome_attention_cpu(const Tensor& qkv, const std::optional<Tensor>& log_si
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(mmfast, m) {
-  // out[b, :, h] = softmax((q * scale) @ k^T + log_size[b]) @ v from timm's fused qkv output; inference only.
-  m.def("tome_attention(Tensor qkv, Tensor? log_size, int num_heads, float scale) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(mmfast, CPU, m) { m.impl("tome_attention", &tome_attention_cpu); }
 
 }  // namespace mmfast

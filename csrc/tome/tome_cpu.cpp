@@ -29,7 +29,6 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
-#include <string>
 #include <tuple>
 #include <vector>
 
@@ -304,30 +303,52 @@ void check_size(const std::optional<Tensor>& size, const Tensor& x, const char* 
   TORCH_CHECK_VALUE(s.device().is_cpu(), "mmfast ", op, " CPU kernel: size must be on CPU, got ", s.device());
 }
 
+// The src tokens merged into output token k = b * n_out + t: src_tok[first .. last) of item b.
+struct GroupSpan {
+  int64_t b, first, last;
+};
+
+GroupSpan group_span(const Groups& g, int64_t k) {
+  const int64_t b = k / g.n_out, t = k % g.n_out;
+  const int64_t* off = g.off.data() + b * (g.n_out + 1) + t;
+  return {b, b * g.r + off[0], b * g.r + off[1]};
+}
+
+// Output token k's size-weighted sum over its group, own token first and then the src tokens in
+// merge order (the forward's summation order, which the backward repeats to recompute out_t):
+// acc[i] = sum_j s_j * x_j[i]. Returns S_t = sum_j s_j. x is [B, N, C] and size [B, N], contiguous.
+template <typename scalar_t>
+at::opmath_type<scalar_t> group_weighted_sum(const Groups& g, int64_t k, const scalar_t* px,
+                                             const at::opmath_type<scalar_t>* ps, int64_t n, int64_t c,
+                                             at::opmath_type<scalar_t>* acc) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const GroupSpan span = group_span(g, k);
+  const int64_t own = g.own[k];
+  acc_t s_sum = ps[span.b * n + own];
+  const scalar_t* xr = px + (span.b * n + own) * c;
+  for (int64_t i = 0; i < c; ++i) acc[i] = to_acc(xr[i]) * s_sum;
+  for (int64_t q = span.first; q < span.last; ++q) {
+    const int64_t tok = g.src_tok[q];
+    const acc_t s = ps[span.b * n + tok];
+    s_sum += s;
+    xr = px + (span.b * n + tok) * c;
+    for (int64_t i = 0; i < c; ++i) acc[i] += to_acc(xr[i]) * s;
+  }
+  return s_sum;
+}
+
 template <typename scalar_t>
 void wavg_fwd_impl(const Groups& g, const Tensor& x, const Tensor& size, Tensor& out, Tensor& size_out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t bsz = x.size(0), n = x.size(1), c = x.size(2), n_out = g.n_out, r = g.r;
+  const int64_t bsz = x.size(0), n = x.size(1), c = x.size(2);
   const scalar_t* px = x.data_ptr<scalar_t>();
   const acc_t* ps = size.data_ptr<acc_t>();
   scalar_t* po = out.data_ptr<scalar_t>();
   acc_t* pso = size_out.data_ptr<acc_t>();
-  at::parallel_for(0, bsz * n_out, items_grain(c), [&](int64_t k0, int64_t k1) {
+  at::parallel_for(0, bsz * g.n_out, items_grain(c), [&](int64_t k0, int64_t k1) {
     std::vector<acc_t> acc(c);
     for (int64_t k = k0; k < k1; ++k) {
-      const int64_t b = k / n_out, t = k % n_out;
-      const int64_t own = g.own[k];
-      const int64_t* off = g.off.data() + b * (n_out + 1) + t;
-      acc_t s_sum = ps[b * n + own];
-      const scalar_t* xr = px + (b * n + own) * c;
-      for (int64_t i = 0; i < c; ++i) acc[i] = to_acc(xr[i]) * s_sum;
-      for (int64_t q = off[0]; q < off[1]; ++q) {
-        const int64_t tok = g.src_tok[b * r + q];
-        const acc_t s = ps[b * n + tok];
-        s_sum += s;
-        xr = px + (b * n + tok) * c;
-        for (int64_t i = 0; i < c; ++i) acc[i] += to_acc(xr[i]) * s;
-      }
+      const acc_t s_sum = group_weighted_sum(g, k, px, ps, n, c, acc.data());
       scalar_t* orow = po + k * c;
       for (int64_t i = 0; i < c; ++i) orow[i] = from_acc<scalar_t>(acc[i] / s_sum);
       pso[k] = s_sum;
@@ -363,29 +384,19 @@ template <typename scalar_t>
 void wavg_bwd_impl(const Groups& g, const Tensor& gout, const Tensor& gsize, bool has_gsize, const Tensor& x,
                    const Tensor& size, Tensor& gx, Tensor& gs) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t bsz = x.size(0), n = x.size(1), c = x.size(2), n_out = g.n_out, r = g.r;
+  const int64_t bsz = x.size(0), n = x.size(1), c = x.size(2);
   const scalar_t* px = x.data_ptr<scalar_t>();
   const scalar_t* pg = gout.data_ptr<scalar_t>();
   const acc_t* pgs = has_gsize ? gsize.data_ptr<acc_t>() : nullptr;
   const acc_t* ps = size.data_ptr<acc_t>();
   scalar_t* pgx = gx.data_ptr<scalar_t>();
   acc_t* pgsz = gs.data_ptr<acc_t>();
-  at::parallel_for(0, bsz * n_out, items_grain(c), [&](int64_t k0, int64_t k1) {
+  at::parallel_for(0, bsz * g.n_out, items_grain(c), [&](int64_t k0, int64_t k1) {
     std::vector<acc_t> acc(c), q(c);
     for (int64_t k = k0; k < k1; ++k) {
-      const int64_t b = k / n_out, t = k % n_out;
-      const int64_t* off = g.off.data() + b * (n_out + 1) + t;
-      const int64_t own = g.own[k];
-      acc_t s_sum = ps[b * n + own];
-      const scalar_t* xr = px + (b * n + own) * c;
-      for (int64_t i = 0; i < c; ++i) acc[i] = to_acc(xr[i]) * s_sum;
-      for (int64_t p = off[0]; p < off[1]; ++p) {
-        const int64_t tok = g.src_tok[b * r + p];
-        const acc_t s = ps[b * n + tok];
-        s_sum += s;
-        xr = px + (b * n + tok) * c;
-        for (int64_t i = 0; i < c; ++i) acc[i] += to_acc(xr[i]) * s;
-      }
+      const GroupSpan span = group_span(g, k);
+      const int64_t b = span.b;
+      const acc_t s_sum = group_weighted_sum(g, k, px, ps, n, c, acc.data());
       const scalar_t* grow = pg + k * c;
       for (int64_t i = 0; i < c; ++i) {
         acc[i] /= s_sum;  // out_t
@@ -403,8 +414,8 @@ void wavg_bwd_impl(const Groups& g, const Tensor& gout, const Tensor& gsize, boo
         }
         pgsz[b * n + tok] = dot + gsz;
       };
-      member(own);
-      for (int64_t p = off[0]; p < off[1]; ++p) member(g.src_tok[b * r + p]);
+      member(g.own[k]);
+      for (int64_t p = span.first; p < span.last; ++p) member(g.src_tok[p]);
     }
   });
 }
@@ -444,105 +455,12 @@ std::tuple<Tensor, Tensor> tome_merge_wavg_bwd_cpu(const Tensor& grad_x_out, con
   return {gx.to(x_in.scalar_type()), gs.to(size_dtype)};
 }
 
-// Plain reductions of the reference's merge(x, mode): scatter_reduce(include_self=True) per group.
-enum class Mode { kSum, kProd, kMean, kAmax, kAmin };
-
-Mode parse_mode(const std::string& mode) {
-  if (mode == "sum") return Mode::kSum;
-  if (mode == "prod") return Mode::kProd;
-  if (mode == "mean") return Mode::kMean;
-  if (mode == "amax") return Mode::kAmax;
-  TORCH_CHECK_VALUE(mode == "amin",
-                    "mmfast tome_merge: mode must be one of ('sum', 'prod', 'mean', 'amax', 'amin'), got '", mode,
-                    "'");
-  return Mode::kAmin;
-}
-
-template <typename scalar_t>
-void merge_impl(const Groups& g, const Tensor& x, Tensor& out, Mode mode) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t bsz = x.size(0), n = x.size(1), c = x.size(2), n_out = g.n_out, r = g.r;
-  const scalar_t* px = x.data_ptr<scalar_t>();
-  scalar_t* po = out.data_ptr<scalar_t>();
-  at::parallel_for(0, bsz * n_out, items_grain(c), [&](int64_t k0, int64_t k1) {
-    std::vector<acc_t> acc(c);
-    for (int64_t k = k0; k < k1; ++k) {
-      const int64_t b = k / n_out, t = k % n_out;
-      const int64_t* off = g.off.data() + b * (n_out + 1) + t;
-      const scalar_t* xr = px + (b * n + g.own[k]) * c;
-      for (int64_t i = 0; i < c; ++i) acc[i] = to_acc(xr[i]);
-      for (int64_t p = off[0]; p < off[1]; ++p) {
-        xr = px + (b * n + g.src_tok[b * r + p]) * c;
-        for (int64_t i = 0; i < c; ++i) {
-          const acc_t v = to_acc(xr[i]);
-          switch (mode) {
-            case Mode::kSum:
-            case Mode::kMean:
-              acc[i] += v;
-              break;
-            case Mode::kProd:
-              acc[i] *= v;
-              break;
-            case Mode::kAmax:  // NaN propagates, as in scatter_reduce
-              acc[i] = (std::isnan(v) || v > acc[i]) ? v : acc[i];
-              break;
-            case Mode::kAmin:
-              acc[i] = (std::isnan(v) || v < acc[i]) ? v : acc[i];
-              break;
-          }
-        }
-      }
-      const acc_t count = static_cast<acc_t>(off[1] - off[0] + 1);
-      scalar_t* orow = po + k * c;
-      for (int64_t i = 0; i < c; ++i) orow[i] = from_acc<scalar_t>(mode == Mode::kMean ? acc[i] / count : acc[i]);
-    }
-  });
-}
-
-Tensor tome_merge_cpu(const Tensor& x_in, const Tensor& unm_idx, const Tensor& src_idx, const Tensor& dst_idx,
-                      c10::string_view mode_name) {
-  const char* op = "tome_merge";
-  const Mode mode = parse_mode(std::string(mode_name));
-  check_x(x_in, op);
-  const int64_t bsz = x_in.size(0), n = x_in.size(1), c = x_in.size(2);
-  const Groups g = build_groups(op, bsz, n, unm_idx, src_idx, dst_idx);
-  const Tensor x = x_in.contiguous();
-  Tensor out = at::empty({bsz, g.n_out, c}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tome_merge",
-                                  [&] { merge_impl<scalar_t>(g, x, out, mode); });
-  return out;
-}
-
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(mmfast, m) {
-  // ---- ToMe token merging (see csrc/tome/) ----------------------------------------------------
-  // Bipartite soft matching of metric [B, N, C]: (unm_idx [B, N_A - r], src_idx [B, r],
-  // dst_idx [B, r]) int64, identical to mmfast.reference.tome.matching_indices (r is clamped the
-  // same way; effective r == 0 gives unm_idx = arange(N_A) and empty src/dst).
-  m.def(
-      "tome_match(Tensor metric, int r, bool class_token=False, bool distill_token=False) "
-      "-> (Tensor, Tensor, Tensor)");
-  // Size-weighted merge (reference.tome.merge_wavg): (x_out [B, N - r, C], size_out [B, N - r, 1]).
-  // size None means ones. Empty src_idx (r == 0) is the identity in the original token order.
-  m.def(
-      "tome_merge_wavg(Tensor x, Tensor? size, Tensor unm_idx, Tensor src_idx, Tensor dst_idx) "
-      "-> (Tensor, Tensor)");
-  // Its gradient: (grad_x [B, N, C], grad_size [B, N, 1]); grad_size is the gradient w.r.t. the
-  // implicit ones when size is None.
-  m.def(
-      "tome_merge_wavg_bwd(Tensor grad_x_out, Tensor? grad_size_out, Tensor x, Tensor? size, Tensor unm_idx, "
-      "Tensor src_idx, Tensor dst_idx) -> (Tensor, Tensor)");
-  // merge(x, mode) of reference.tome.bipartite_soft_matching for mode in sum, prod, mean, amax, amin
-  // (merge_source is mode='amax' on the 0/1 source matrix). r == 0 returns a copy of x.
-  m.def("tome_merge(Tensor x, Tensor unm_idx, Tensor src_idx, Tensor dst_idx, str mode='mean') -> Tensor");
-}
 
 TORCH_LIBRARY_IMPL(mmfast, CPU, m) {
   m.impl("tome_match", &tome_match_cpu);
   m.impl("tome_merge_wavg", &tome_merge_wavg_cpu);
   m.impl("tome_merge_wavg_bwd", &tome_merge_wavg_bwd_cpu);
-  m.impl("tome_merge", &tome_merge_cpu);
 }
 
 }  // namespace mmfast

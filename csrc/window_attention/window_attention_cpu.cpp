@@ -648,26 +648,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> window_attention_bwd_
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(mmfast, m) {
-  // ---- (shifted-)window attention (see csrc/window_attention/) ------------------------------
-  // q, k, v: [B, H, W, heads, head_dim], any strides (views of a fused qkv are fine). Semantics of
-  // mmfast.reference.window_attention.window_attention; pad_then_roll = order "pad_roll". scale is
-  // ignored when logit_scale (Swin v2 cosine attention, already exponentiated) is given. Returns out
-  // [B, H, W, heads, head_dim] in q's dtype and lse [B, H, W, heads] in the compute type (float32, or
-  // float64 for float64 inputs).
-  m.def(
-      "window_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? rel_pos_bias, Tensor? logit_scale, "
-      "Tensor? pad_value, int[] window_size, int[] shift_size, float scale, bool shift_mask, float mask_value, "
-      "bool pad_then_roll) -> (Tensor out, Tensor lse)");
-  // Gradients; empty tensors for absent optional inputs. d_pad_value[0] is zero (padded queries are
-  // cropped away).
-  m.def(
-      "window_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-      "Tensor? rel_pos_bias, Tensor? logit_scale, Tensor? pad_value, int[] window_size, int[] shift_size, "
-      "float scale, bool shift_mask, float mask_value, bool pad_then_roll) "
-      "-> (Tensor dq, Tensor dk, Tensor dv, Tensor d_rel_pos_bias, Tensor d_logit_scale, Tensor d_pad_value)");
-}
-
 TORCH_LIBRARY_IMPL(mmfast, CPU, m) {
   m.impl("window_attention_fwd", &window_attention_fwd_cpu);
   m.impl("window_attention_bwd", &window_attention_bwd_cpu);

@@ -1,6 +1,6 @@
 // CPU kernels of window_process (roll + pad + partition in one copy) and window_process_reverse (merge
-// + crop + un-roll), their schemas and argument checks (the CUDA kernels, window_process_cuda.cu,
-// check with the same functions). The index maps are window_geometry.h's.
+// + crop + un-roll), and their argument checks (the CUDA kernels, window_process_cuda.cu, check with
+// the same functions; the schemas are in csrc/mmfast.cpp). The index maps are window_geometry.h's.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -135,19 +135,6 @@ Tensor window_process_reverse_cpu(const Tensor& windows, IntArrayRef hw, IntArra
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(mmfast, m) {
-  // Roll + pad + partition in one copy: x [B, H, W, C] -> windows [B*nW, Wh*Ww, C]; padded tokens get
-  // pad_value [C] (or zeros).
-  m.def(
-      "window_process(Tensor x, int[] window_size, int[] shift_size, bool pad_then_roll, Tensor? pad_value) "
-      "-> Tensor");
-  // Merge + crop + un-roll: windows [B*nW, Wh*Ww, C] -> [B, H, W, C] with (H, W) = hw. The adjoint of
-  // window_process for x; padded tokens are dropped.
-  m.def(
-      "window_process_reverse(Tensor windows, int[] hw, int[] window_size, int[] shift_size, bool pad_then_roll) "
-      "-> Tensor");
-}
 
 TORCH_LIBRARY_IMPL(mmfast, CPU, m) {
   m.impl("window_process", &window_process_cpu);

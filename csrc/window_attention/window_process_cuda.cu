@@ -1,6 +1,6 @@
 // CUDA kernels of window_process (roll + pad + partition) and window_process_reverse (merge + crop +
-// un-roll) in one copy each. Schemas, argument checks and the CPU kernels are in window_process_cpu.cpp;
-// the index maps are window_geometry.h's (the same functions on both devices).
+// un-roll) in one copy each. Argument checks and the CPU kernels are in window_process_cpu.cpp, the
+// schemas in csrc/mmfast.cpp; the index maps are window_geometry.h's (the same functions on both devices).
 //
 // Both kernels are gathers that write their output contiguously: one thread moves VEC channels of one
 // token (16-byte loads and stores when C, the strides and the pointers allow, else narrower), so no
@@ -33,10 +33,12 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
+// windows [B*nW, N, C] (contiguous) <- x [B, H, W, C] with strides (sb, sy, sx, sc). VEC > 1 needs
+// sc == 1 (the launcher picks VEC = 1 otherwise), so VEC = 1 also serves any channel stride.
 template <typename scalar_t, int VEC>
 __global__ void window_process_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ pad,
                                       scalar_t* __restrict__ out, WindowGrid g, int64_t C, int64_t sb, int64_t sy,
-                                      int64_t sx, int64_t total) {
+                                      int64_t sx, int64_t sc, int64_t total) {
   using P = Pack<scalar_t, VEC>;
   const int64_t cv = C / VEC;
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
@@ -49,7 +51,12 @@ __global__ void window_process_kernel(const scalar_t* __restrict__ x, const scal
     const int64_t xs = grid_source(px, g.W, g.Wp, g.sw, g.pad_then_roll);
     P val;
     if (ys >= 0 && xs >= 0) {
-      val = *reinterpret_cast<const P*>(x + b * sb + ys * sy + xs * sx + c);
+      const scalar_t* src = x + b * sb + ys * sy + xs * sx;
+      if constexpr (VEC == 1) {
+        val.v[0] = src[c * sc];
+      } else {
+        val = *reinterpret_cast<const P*>(src + c);
+      }
     } else if (pad != nullptr) {
       val = *reinterpret_cast<const P*>(pad + c);
     } else {
@@ -57,29 +64,6 @@ __global__ void window_process_kernel(const scalar_t* __restrict__ x, const scal
       for (int i = 0; i < VEC; ++i) val.v[i] = scalar_t(0);
     }
     *reinterpret_cast<P*>(out + tok * C + c) = val;
-  }
-}
-
-// Generic strided fallback (channel stride != 1): one element per thread.
-template <typename scalar_t>
-__global__ void window_process_strided_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ pad,
-                                              scalar_t* __restrict__ out, WindowGrid g, int64_t C, int64_t sb, int64_t sy,
-                                              int64_t sx, int64_t sc, int64_t total) {
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t tok = e / C, c = e % C;
-    const int64_t bw = tok / g.N, b = bw / g.nW;
-    int64_t py, px;
-    window_to_grid(g, bw % g.nW, tok % g.N, py, px);
-    const int64_t ys = grid_source(py, g.H, g.Hp, g.sh, g.pad_then_roll);
-    const int64_t xs = grid_source(px, g.W, g.Wp, g.sw, g.pad_then_roll);
-    scalar_t val;
-    if (ys >= 0 && xs >= 0) {
-      val = x[b * sb + ys * sy + xs * sx + c * sc];
-    } else {
-      val = pad != nullptr ? pad[c] : scalar_t(0);
-    }
-    out[e] = val;
   }
 }
 
@@ -166,19 +150,12 @@ Tensor window_process_cuda(const Tensor& x, at::IntArrayRef window_size, at::Int
     const scalar_t* pp = pad.defined() ? pad.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     const int64_t sb = x.stride(0), sy = x.stride(1), sx = x.stride(2), sc = x.stride(3);
-    if (sc != 1 && C > 1) {
-      const int64_t total = out.numel();
-      window_process_strided_kernel<scalar_t>
-          <<<launch_blocks(total, kThreads), kThreads, 0, stream>>>(xp, pp, op, g, C, sb, sy, sx, sc, total);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      return;
-    }
-    const int vec = pick_vec<scalar_t>(C, {sb, sy, sx}, {xp, pp, op});
+    const int vec = (sc != 1 && C > 1) ? 1 : pick_vec<scalar_t>(C, {sb, sy, sx}, {xp, pp, op});
     const int64_t total = out.numel() / vec;
     const unsigned blocks = launch_blocks(total, kThreads);
     with_vec(vec, [&](auto v) {
       window_process_kernel<scalar_t, decltype(v)::value>
-          <<<blocks, kThreads, 0, stream>>>(xp, pp, op, g, C, sb, sy, sx, total);
+          <<<blocks, kThreads, 0, stream>>>(xp, pp, op, g, C, sb, sy, sx, sc, total);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -29,7 +29,7 @@ from mmfast.distributed import common
 from mmfast.distributed.comm import combine_column_stats, reduce_scatter
 from mmfast.distributed.groups import GroupLayout
 from mmfast.ops import contrastive as tiles
-from mmfast.ops.contrastive_loss import positive_logits
+from mmfast.ops.contrastive_loss import positive_logits, siglip_loss_value
 
 
 def column_ranks(layout: GroupLayout) -> list[int]:
@@ -188,8 +188,7 @@ class SigLipGatherFn(torch.autograd.Function):
         _, other_cols = _column_split(layout, header.sizes, image.device)
         if other_cols.numel():
             rows = rows + tiles.sigmoid_rowsum(image, texts.index_select(0, other_cols), scale, bias, impl)
-        pos = positive_logits(image, text, scale, bias, rows.dtype)
-        loss = (rows.sum() - pos.sum()) / image.shape[0]
+        loss = siglip_loss_value(rows, image, text, scale, bias)
         ctx.save_for_backward(image, texts, scale, bias)
         ctx.meta = (layout, header, impl)
         return loss

@@ -60,7 +60,7 @@ from mmfast.distributed import common
 from mmfast.distributed.comm import RingChannel, combine_column_stats, p2p
 from mmfast.distributed.groups import GroupLayout
 from mmfast.ops import contrastive as tiles
-from mmfast.ops.contrastive_loss import positive_logits
+from mmfast.ops.contrastive_loss import positive_logits, siglip_loss_value
 
 _TEXT_TAG, _GRAD_TAG, _PIECE_TAG, _PART_TAG = 11, 12, 13, 14
 
@@ -350,8 +350,7 @@ class SigLipRingFn(torch.autograd.Function):
         failed = guard.flag(dev)
         dist.all_reduce(failed, group=layout.group)
         guard.raise_if_failed(failed.item(), "forward pass")
-        pos = positive_logits(image, text, scale, bias, dt)
-        loss = (total[0].sum() - pos.sum()) / image.shape[0]
+        loss = siglip_loss_value(total[0], image, text, scale, bias)
         ctx.save_for_backward(image, text, scale, bias)
         ctx.meta = (layout, header, impl)
         return loss

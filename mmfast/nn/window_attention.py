@@ -13,6 +13,7 @@ path, dropout included.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -217,6 +218,14 @@ class _DropPath(nn.Module):
 
 
 class _SwinBlockBase(nn.Module):
+    """What the v1 and v2 blocks share: the window geometry and the residual forward.
+
+    ``post_norm`` places each branch's norm: v1 normalises the branch input (pre-norm), v2 the branch
+    output (post-norm, res-post-norm in the Swin v2 paper).
+    """
+
+    post_norm = False
+
     def _setup_window(self, input_resolution, window_size, shift_size, always_partition):
         if input_resolution is None:
             raise ValueError("input_resolution is required (the feature map size, as in timm)")
@@ -231,19 +240,16 @@ class _SwinBlockBase(nn.Module):
     def _attn(self, x: Tensor) -> Tensor:
         return self.attn.forward_spatial(x, self.shift_size)
 
-    def _attn_branch(self, x: Tensor) -> Tensor:  # v1: pre-norm, v2: post-norm
-        raise NotImplementedError
-
-    def _mlp_branch(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+    def _branch(self, f: Callable[[Tensor], Tensor], norm: nn.Module, x: Tensor) -> Tensor:
+        return norm(f(x)) if self.post_norm else f(norm(x))
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be channels-last [B, H, W, {self.dim}], got {tuple(x.shape)}")
         b, h, w, c = x.shape
-        x = x + self.drop_path1(self._attn_branch(x))
+        x = x + self.drop_path1(self._branch(self._attn, self.norm1, x))
         x = x.reshape(b, -1, c)
-        x = x + self.drop_path2(self._mlp_branch(x))
+        x = x + self.drop_path2(self._branch(self.mlp, self.norm2, x))
         return x.reshape(b, h, w, c)
 
 
@@ -267,15 +273,11 @@ class SwinTransformerBlock(_SwinBlockBase):
         self.mlp = _Mlp(dim, int(dim * mlp_ratio), act_layer, proj_drop)
         self.drop_path2 = _DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def _attn_branch(self, x: Tensor) -> Tensor:
-        return self._attn(self.norm1(x))
-
-    def _mlp_branch(self, x: Tensor) -> Tensor:
-        return self.mlp(self.norm2(x))
-
 
 class SwinTransformerV2Block(_SwinBlockBase):
     """Swin v2 block (post-norm, cosine attention, CPB) with timm's constructor and state_dict."""
+
+    post_norm = True
 
     def __init__(self, dim: int, input_resolution, num_heads: int, window_size=7, shift_size=0,
                  always_partition: bool = False, dynamic_mask: bool = False, mlp_ratio: float = 4.0,
@@ -294,9 +296,3 @@ class SwinTransformerV2Block(_SwinBlockBase):
         self.mlp = _Mlp(dim, int(dim * mlp_ratio), act_layer, proj_drop)
         self.norm2 = norm_layer(dim)
         self.drop_path2 = _DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def _attn_branch(self, x: Tensor) -> Tensor:
-        return self.norm1(self._attn(x))
-
-    def _mlp_branch(self, x: Tensor) -> Tensor:
-        return self.norm2(self.mlp(x))

@@ -19,6 +19,13 @@ def positive_logits(image: Tensor, text: Tensor, scale: Tensor, bias: Tensor | N
     return pos + bias.to(dtype).reshape(()) if bias is not None else pos
 
 
+def siglip_loss_value(row_sums: Tensor, image: Tensor, text: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+    """The SigLIP loss of these rows from their sums of softplus(l_ij) over every column (every pair
+    a negative): minus the positive pairs' logits, over the local batch."""
+    pos = positive_logits(image, text, scale, bias, row_sums.dtype)
+    return (row_sums.sum() - pos.sum()) / image.shape[0]
+
+
 @torch.library.custom_op("mmfast::clip_loss_fwd", mutates_args=())
 def clip_loss_fwd(image: Tensor, text: Tensor, scale: Tensor, bias: Tensor | None, impl: str
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -83,9 +90,7 @@ clip_loss_fwd.register_autograd(_clip_backward, setup_context=_clip_setup)
 @torch.library.custom_op("mmfast::siglip_loss_fwd", mutates_args=())
 def siglip_loss_fwd(image: Tensor, text: Tensor, scale: Tensor, bias: Tensor | None, impl: str) -> Tensor:
     """SigLIP loss for W=1: (sum_ij softplus(l_ij) - sum_i l_ii) / B, in the accumulation dtype."""
-    rows = tiles.sigmoid_rowsum(image, text, scale, bias, impl)
-    pos = positive_logits(image, text, scale, bias, rows.dtype)
-    return (rows.sum() - pos.sum()) / image.shape[0]
+    return siglip_loss_value(tiles.sigmoid_rowsum(image, text, scale, bias, impl), image, text, scale, bias)
 
 
 @siglip_loss_fwd.register_fake

@@ -183,13 +183,17 @@ class OpSpec:
 
     def reasons(self, backend: str, inputs: Inputs) -> list[str]:
         """Why ``backend`` cannot run ``inputs`` (empty when it can)."""
+        return self._why_not(backend, inputs)[0]
+
+    def _why_not(self, backend: str, inputs: Inputs) -> tuple[list[str], bool]:
+        """:meth:`reasons`, and whether the reason is that this install lacks the backend."""
         entry = self.backends.get(backend)
         if entry is None:
-            return [f"{self.name} has no {backend} backend"]
+            return [f"{self.name} has no {backend} backend"], False
         why = backend_unavailable_reason(backend)
         if why is not None:
-            return [why]
-        return list(entry.check(inputs)) if entry.check is not None else []
+            return [why], True
+        return (list(entry.check(inputs)) if entry.check is not None else []), False
 
     def _report(self, inputs: Inputs) -> str:
         rows = [f"{b}: {'; '.join(self.reasons(b, inputs)) or 'can run'}" for b in self.backends]
@@ -211,7 +215,7 @@ class OpSpec:
         passed_over: list[str] = []
         missing: list[str] = []  # backends passed over because this install lacks them
         for b in self.preference(inputs.device.type):
-            reasons = self.reasons(b, inputs)
+            reasons, not_installed = self._why_not(b, inputs)
             if not reasons:
                 if b == "reference" and missing and not self._warned:
                     self._warned = True
@@ -225,7 +229,7 @@ class OpSpec:
                     log.debug("%s: %s chosen for %s (passed over: %s)", self.name, b, inputs.device, passed_over)
                 return b
             passed_over.append(f"{b}: {'; '.join(reasons)}")
-            if b in self.backends and backend_unavailable_reason(b) is not None:
+            if not_installed:
                 missing.append(f"{b}: {'; '.join(reasons)}")
             if not torch.compiler.is_compiling():
                 log.debug("%s: %s passed over: %s", self.name, b, reasons)

@@ -316,8 +316,9 @@ def merge_wavg(merge, x: Tensor, size: Tensor | None = None) -> tuple[Tensor, Te
     if merge.r == 0:
         return x, (size if size is not None else x.new_ones(x.shape[0], x.shape[1], 1))
     backend = MERGE.select(TokenInputs(x), merge.impl)
-    if MERGE.backend(backend).backward is None:  # differentiable torch: runs outside the custom op
-        return MERGE.backend(backend).forward(x, size, merge.unm_idx, merge.src_idx, merge.dst_idx)
+    entry = MERGE.backend(backend)
+    if entry.backward is None:  # differentiable torch: runs outside the custom op
+        return entry.forward(x, size, merge.unm_idx, merge.src_idx, merge.dst_idx)
     return tome_merge_op(x, size, merge.unm_idx, merge.src_idx, merge.dst_idx, backend)
 
 

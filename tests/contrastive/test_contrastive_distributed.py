@@ -151,16 +151,21 @@ def test_unequal_batches_match_simulation(sizes):
                 assert grads[3].abs().item() == 0.0
 
 
+def _message(call, errors=(ValueError,)) -> str:
+    """The message of the error ``call()`` raises on this rank, ``"no error"`` when it returns."""
+    try:
+        call()
+    except errors as exc:
+        return str(exc)
+    return "no error"
+
+
 def _one_rank_bad(rank, world):
     import mmfast
 
     image = torch.randn(4, 8)
     text = torch.randn(4 if rank else 3, 8)  # rank 0 has a bad batch
-    try:
-        mmfast.ClipLoss(rank=rank, world_size=world)(image, text, torch.tensor(10.0))
-    except ValueError as exc:
-        return str(exc)
-    return "no error"
+    return _message(lambda: mmfast.ClipLoss(rank=rank, world_size=world)(image, text, torch.tensor(10.0)))
 
 
 def test_bad_input_on_one_rank_raises_everywhere_without_hanging():
@@ -172,11 +177,8 @@ def test_bad_input_on_one_rank_raises_everywhere_without_hanging():
 def _bad_group_size(rank, world):
     import mmfast
 
-    try:
-        mmfast.ClipLoss(rank=rank, world_size=world, group_size=2)(torch.randn(2, 4), torch.randn(2, 4), 1.0)
-    except ValueError as exc:
-        return str(exc)
-    return "no error"
+    return _message(lambda: mmfast.ClipLoss(rank=rank, world_size=world, group_size=2)(
+        torch.randn(2, 4), torch.randn(2, 4), 1.0))
 
 
 def test_group_size_must_divide_world():
@@ -315,12 +317,8 @@ def test_pick_exchange_rules():
 def _bad_exchange(rank, world, per_rank):
     import mmfast
 
-    try:
-        mmfast.ClipLoss(rank=rank, world_size=world, exchange=per_rank[rank])(
-            torch.randn(3, 4), torch.randn(3, 4), 1.0)
-    except (ValueError, RuntimeError) as exc:
-        return str(exc)
-    return "no error"
+    return _message(lambda: mmfast.ClipLoss(rank=rank, world_size=world, exchange=per_rank[rank])(
+        torch.randn(3, 4), torch.randn(3, 4), 1.0), (ValueError, RuntimeError))
 
 
 def test_unknown_exchange_raises_at_construction():
@@ -342,12 +340,8 @@ def test_exchange_that_differs_across_ranks_raises_everywhere():
 def _bad_exchange_functional(rank, world):
     import mmfast
 
-    try:
-        mmfast.functional.clip_loss(torch.randn(3, 4), torch.randn(3, 4), 1.0, rank=rank, world_size=world,
-                                    exchange="ring" if rank else "bogus")
-    except ValueError as exc:
-        return str(exc)
-    return "no error"
+    return _message(lambda: mmfast.functional.clip_loss(torch.randn(3, 4), torch.randn(3, 4), 1.0, rank=rank,
+                                                        world_size=world, exchange="ring" if rank else "bogus"))
 
 
 def test_unknown_exchange_on_one_rank_raises_everywhere_without_hanging():
@@ -359,13 +353,9 @@ def test_unknown_exchange_on_one_rank_raises_everywhere_without_hanging():
 def _dim_differs(rank, world, exchange):
     import mmfast
 
-    try:
-        d = 8 if rank else 6
-        mmfast.SigLipLoss(rank=rank, world_size=world, group_size=1, exchange=exchange)(
-            torch.randn(3, d), torch.randn(3, d), 1.0, -1.0)
-    except ValueError as exc:
-        return str(exc)
-    return "no error"
+    d = 8 if rank else 6
+    return _message(lambda: mmfast.SigLipLoss(rank=rank, world_size=world, group_size=1, exchange=exchange)(
+        torch.randn(3, d), torch.randn(3, d), 1.0, -1.0))
 
 
 @pytest.mark.parametrize("exchange", ["gather", "ring"])

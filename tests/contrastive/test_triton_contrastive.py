@@ -123,6 +123,30 @@ def check(out, lowp, high, name):
     assert_accuracy(out.cpu(), lowp, high, name=name)
 
 
+SOFTMAX_FWD_NAMES = ("row_lse", "row_mean", "col_lse", "col_mean")
+SIGMOID_BWD_NAMES = ("da", "db", "dscale", "dbias")
+
+
+def check_softmax_fwd(a, b, s, bias, dtype):
+    """softmax_fwd against float64 and plain ``dtype`` torch; (kernel outputs, float64 outputs)."""
+    out = tc.softmax_fwd(a, b, s, bias)
+    hi = ref_softmax_fwd(a, b, s, bias, torch.float64)
+    lo = ref_softmax_fwd(a, b, s, bias, dtype)  # half: fp16 / bf16 matmul and logsumexp
+    for o, h, lw, nm in zip(out, hi, lo, SOFTMAX_FWD_NAMES):
+        check(o, lw, h, nm)
+    return out, hi
+
+
+def check_sigmoid_bwd(a, b, s, bias, row_w, dtype):
+    """sigmoid_bwd against float64 and plain ``dtype`` torch; the kernel's outputs."""
+    res = tc.sigmoid_bwd(a, b, s, bias, row_w)
+    hi = ref_sigmoid_bwd(a, b, s, bias, row_w, torch.float64)
+    lo = ref_sigmoid_bwd(a, b, s, bias, row_w, dtype)
+    for o, h, lw, nm in zip(res, hi, lo, SIGMOID_BWD_NAMES):
+        check(o, lw, h, nm)
+    return res
+
+
 # ------------------------------------------------------------------------------------------ fp32
 
 
@@ -130,14 +154,9 @@ def check(out, lowp, high, name):
 def test_softmax_fp32(case):
     M, N, D, scale, with_bias = case
     a, b, s, bias = make_inputs(*case)
-    out = tc.softmax_fwd(a, b, s, bias)
-    hi = ref_softmax_fwd(a, b, s, bias, torch.float64)
-    lo = ref_softmax_fwd(a, b, s, bias, torch.float32)
-    ops = cpp("softmax_fwd", a, b, s, bias)
-    names = ("row_lse", "row_mean", "col_lse", "col_mean")
-    for o, h, lw, c, nm in zip(out, hi, lo, ops, names):
+    out, _ = check_softmax_fwd(a, b, s, bias, torch.float32)
+    for o, c, nm in zip(out, cpp("softmax_fwd", a, b, s, bias), SOFTMAX_FWD_NAMES):
         assert o.shape == (M if nm.startswith("row") else N,)
-        check(o, lw, h, nm)
         close_to_cpp(o, c, nm)
 
     # backward at the kernel's own statistics, random signed weights, with and without b's own
@@ -169,14 +188,10 @@ def test_sigmoid_fp32(case):
     close_to_cpp(out, cpp("sigmoid_fwd", a, b, s, bias), "sums")
 
     row_w = torch.randn(M, generator=torch.Generator().manual_seed(2)).to(DEV)
-    res = tc.sigmoid_bwd(a, b, s, bias, row_w)
-    hi = ref_sigmoid_bwd(a, b, s, bias, row_w, torch.float64)
-    lo = ref_sigmoid_bwd(a, b, s, bias, row_w, torch.float32)
-    ops = cpp("sigmoid_bwd", a, b, s, bias, row_w)
+    res = check_sigmoid_bwd(a, b, s, bias, row_w, torch.float32)
     assert res[0].shape == (M, D) and res[1].shape == (N, D)
     assert res[2].dim() == 0 and res[3].dim() == 0
-    for o, h, lw, c, nm in zip(res, hi, lo, ops, ("da", "db", "dscale", "dbias")):
-        check(o, lw, h, nm)
+    for o, c, nm in zip(res, cpp("sigmoid_bwd", a, b, s, bias, row_w), SIGMOID_BWD_NAMES):
         close_to_cpp(o, c, nm, rel=1e-4)
 
 
@@ -187,11 +202,7 @@ def test_sigmoid_fp32(case):
 def test_softmax_fp16(case):
     M, N, D, scale, with_bias = case
     a, b, s, bias = make_inputs(*case, dtype=torch.float16)
-    out = tc.softmax_fwd(a, b, s, bias)
-    hi = ref_softmax_fwd(a, b, s, bias, torch.float64)
-    lo = ref_softmax_fwd(a, b, s, bias, torch.float16)  # fp16 matmul, fp16 logsumexp
-    for o, h, lw, nm in zip(out, hi, lo, ("row_lse", "row_mean", "col_lse", "col_mean")):
-        check(o, lw, h, nm)
+    _, hi = check_softmax_fwd(a, b, s, bias, torch.float16)
 
     row_lse, col_lse = hi[0].float().to(DEV), hi[2].float().to(DEV)
     g = torch.Generator().manual_seed(3)
@@ -212,11 +223,7 @@ def test_sigmoid_fp16(case):
     lo, hi = ref_sigmoid_fwd(a, b, s, bias, torch.float16), ref_sigmoid_fwd(a, b, s, bias, torch.float64)
     check(out, lo, hi, "sums")
     row_w = torch.randn(M, generator=torch.Generator().manual_seed(4)).to(DEV)
-    res = tc.sigmoid_bwd(a, b, s, bias, row_w)
-    hi = ref_sigmoid_bwd(a, b, s, bias, row_w, torch.float64)
-    lo = ref_sigmoid_bwd(a, b, s, bias, row_w, torch.float16)
-    for o, h, lw, nm in zip(res, hi, lo, ("da", "db", "dscale", "dbias")):
-        check(o, lw, h, nm)
+    check_sigmoid_bwd(a, b, s, bias, row_w, torch.float16)
 
 
 def test_fp16_tiny_weights_do_not_underflow():
@@ -247,17 +254,8 @@ def test_fp16_tiny_weights_do_not_underflow():
 def test_bf16_runs():
     """bf16 inputs (in the interpreter the tiles are upcast to fp32: bf16 arithmetic is wrong there)."""
     a, b, s, bias = make_inputs(33, 19, 19, 100.0, True, dtype=torch.bfloat16)
-    out = tc.softmax_fwd(a, b, s, bias)
-    hi = ref_softmax_fwd(a, b, s, bias, torch.float64)
-    lo = ref_softmax_fwd(a, b, s, bias, torch.bfloat16)
-    for o, h, lw, nm in zip(out, hi, lo, ("row_lse", "row_mean", "col_lse", "col_mean")):
-        check(o, lw, h, nm)
-    row_w = torch.randn(33).to(DEV)
-    res = tc.sigmoid_bwd(a, b, s, bias, row_w)
-    hi = ref_sigmoid_bwd(a, b, s, bias, row_w, torch.float64)
-    lo = ref_sigmoid_bwd(a, b, s, bias, row_w, torch.bfloat16)
-    for o, h, lw, nm in zip(res, hi, lo, ("da", "db", "dscale", "dbias")):
-        check(o, lw, h, nm)
+    check_softmax_fwd(a, b, s, bias, torch.bfloat16)
+    check_sigmoid_bwd(a, b, s, bias, torch.randn(33).to(DEV), torch.bfloat16)
 
 
 # -------------------------------------------------------------------------- launch shapes and layout
@@ -280,7 +278,7 @@ def test_launch_configs(name):
     a, b, s, bias = make_inputs(M, N, D, 1.0, True)
     out = tc.softmax_fwd(a, b, s, bias, config=cfg)
     ref = ref_softmax_fwd(a, b, s, bias, torch.float64)
-    for o, r, nm in zip(out, ref, ("row_lse", "row_mean", "col_lse", "col_mean")):
+    for o, r, nm in zip(out, ref, SOFTMAX_FWD_NAMES):
         assert max_abs_err(o, r) < 1e-5 * max(1.0, r.abs().max().item()), nm
     w = [torch.randn(n).to(DEV) for n in (M, N)]
     da, db = tc.softmax_bwd(a, b, s, bias, out[0], out[2], *w, config=cfg)
@@ -471,11 +469,7 @@ def test_gpu_clip_sizes(dtype):
         pytest.skip("GPU sizes are too slow for the interpreter")
     M, N, D = 300, 2500, 768
     a, b, s, bias = make_inputs(M, N, D, 100.0, True, dtype=dtype)
-    out = tc.softmax_fwd(a, b, s, bias)
-    hi = ref_softmax_fwd(a, b, s, bias, torch.float64)
-    lo = ref_softmax_fwd(a.to(DEV), b.to(DEV), s, bias, dtype)
-    for o, h, lw, nm in zip(out, hi, lo, ("row_lse", "row_mean", "col_lse", "col_mean")):
-        check(o, lw.cpu(), h, nm)
+    out, _ = check_softmax_fwd(a, b, s, bias, dtype)
     w = [torch.randn(n, device=DEV) / (2 * M) for n in (M, N)]
     da, db = tc.softmax_bwd(a, b, s, bias, out[0], out[2], *w)
     args = (a, b, s, bias, out[0], out[2], *w, *w)
@@ -484,12 +478,7 @@ def test_gpu_clip_sizes(dtype):
         check(o, lw, h, f"d{nm}")
     again = tc.softmax_bwd(a, b, s, bias, out[0], out[2], *w)
     assert torch.equal(da, again[0]) and torch.equal(db, again[1])
-    row_w = torch.randn(M, device=DEV)
-    res = tc.sigmoid_bwd(a, b, s, bias, row_w)
-    hi = ref_sigmoid_bwd(a, b, s, bias, row_w, torch.float64)
-    lo = ref_sigmoid_bwd(a, b, s, bias, row_w, dtype)
-    for o, h, lw, nm in zip(res, hi, lo, ("da", "db", "dscale", "dbias")):
-        check(o, lw, h, nm)
+    check_sigmoid_bwd(a, b, s, bias, torch.randn(M, device=DEV), dtype)
     sums = tc.sigmoid_fwd(a, b, s, bias)
     check(sums, ref_sigmoid_fwd(a, b, s, bias, dtype), ref_sigmoid_fwd(a, b, s, bias, torch.float64), "sums")
 
@@ -513,5 +502,5 @@ def test_gpu_persistent_rows_and_fp32_single_chunk(dtype, D):
     lo = ref_softmax_fwd(a.to(DEV), b.to(DEV), s, bias, dtype)
     for config in (cfg, None):
         out = tc.softmax_fwd(a, b, s, bias, config=config)
-        for o, h, lw, nm in zip(out, hi, lo, ("row_lse", "row_mean", "col_lse", "col_mean")):
+        for o, h, lw, nm in zip(out, hi, lo, SOFTMAX_FWD_NAMES):
             check(o, lw.cpu(), h, f"{nm} target_programs={'4' if config else 'default'}")

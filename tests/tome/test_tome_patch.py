@@ -225,6 +225,16 @@ def test_open_clip_b32_r0_bitwise_matches_reference_and_clip_dispatch(clip_b32):
 # tiny models: configurations
 
 
+def _patched_features(model, img, r):
+    """Patch ``model`` with source tracing, check that r = 0 leaves its output unchanged, then run
+    ``forward_features_tome`` with ``r``: (tokens, state)."""
+    y0 = model(img)
+    tome.apply_patch(model, r=0, trace_source=True)
+    assert torch.equal(model(img), y0)
+    model.r = r
+    return model.forward_features_tome(img)
+
+
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("kw", [dict(init_values=0.5, qk_norm=True), dict(init_values=1e-5), dict(qk_norm=True)],
                          ids=["ls0.5-qknorm", "ls1e-5", "qknorm"])
@@ -234,12 +244,8 @@ def test_layerscale_qknorm_match_reference(kw, fused):
     for blk in model.blocks:
         blk.attn.fused_attn = fused
     img = torch.randn(2, 3, 32, 32)
-    y0 = model(img)
-    tome.apply_patch(model, r=0, trace_source=True)
-    assert torch.equal(model(img), y0)
-    model.r = 6
+    tokens, state = _patched_features(model, img, 6)
     want, want_size, want_src = ref_timm_forward(model, img, [6] * 3)
-    tokens, state = model.forward_features_tome(img)
     assert tokens.shape[1] == 65 - 18
     assert torch.equal(state.source, want_src) and torch.equal(state.size, want_size)
     assert_close(model(img), want, 1e-5, f"{kw} fused={fused}")
@@ -261,11 +267,7 @@ def test_register_tokens_never_merged(class_token, reg_tokens, pool):
     model = tiny_vit(class_token=class_token, reg_tokens=reg_tokens, global_pool=pool, depth=4)
     p = model.num_prefix_tokens
     img = torch.randn(2, 3, 32, 32)
-    y0 = model(img)
-    tome.apply_patch(model, r=0, trace_source=True)
-    assert torch.equal(model(img), y0)
-    model.r = 10
-    tokens, state = model.forward_features_tome(img)
+    tokens, state = _patched_features(model, img, 10)
     n0 = 64 + p
     assert tokens.shape[1] == n0 - 40
     eye = torch.eye(n0)[:p].expand(2, p, n0)
@@ -284,11 +286,7 @@ def test_deit_distilled_prefix_tokens():
     model = VisionTransformerDistilled(img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=4,
                                        num_classes=5).eval()
     img = torch.randn(2, 3, 32, 32)
-    y0 = model(img)
-    tome.apply_patch(model, r=0, trace_source=True)
-    assert torch.equal(model(img), y0)
-    model.r = 8
-    tokens, state = model.forward_features_tome(img)
+    tokens, state = _patched_features(model, img, 8)
     assert tokens.shape[1] == 66 - 16 and model(img).shape == (2, 5)
     assert torch.equal(state.source[:, :2], torch.eye(66)[:2].expand(2, 2, 66)), "class and distill tokens kept"
 

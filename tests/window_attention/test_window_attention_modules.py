@@ -174,26 +174,7 @@ def _explicit_windowed_vit(model, x, window, global_blocks, shift):
         out[:, p:] = og[:, :h, :w].reshape(b, h * w, heads, hd)
         return attn.proj(attn.norm(out.reshape(b, n, heads * hd)))
 
-    def features(x):
-        x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
-        grid = tuple(model.patch_embed.grid_size)
-        for i, blk in enumerate(model.blocks):
-            if i in global_blocks:
-                x = blk(x)
-            else:
-                x = x + blk.ls1(win_attn(blk.attn, blk.norm1(x), grid))
-                x = x + blk.ls2(blk.mlp(blk.norm2(x)))
-        return model.norm(x)
-
-    if not shift:
-        return features(x)
     grid = tuple(model.patch_embed.grid_size)
-    s = (window[0] // 2, window[1] // 2)
-    p = model.num_prefix_tokens
-    t = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
-    b, _, c = t.shape
-    rolled = torch.roll(t[:, p:].reshape(b, *grid, c), (-s[0], -s[1]), (1, 2)).reshape(b, -1, c)
-    t2 = torch.cat([t[:, :p], rolled], 1)
 
     def run_blocks(t):
         for i, blk in enumerate(model.blocks):
@@ -204,6 +185,14 @@ def _explicit_windowed_vit(model, x, window, global_blocks, shift):
                 t = t + blk.ls2(blk.mlp(blk.norm2(t)))
         return model.norm(t)
 
+    t = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+    if not shift:
+        return run_blocks(t)
+    s = (window[0] // 2, window[1] // 2)
+    p = model.num_prefix_tokens
+    b, _, c = t.shape
+    rolled = torch.roll(t[:, p:].reshape(b, *grid, c), (-s[0], -s[1]), (1, 2)).reshape(b, -1, c)
+    t2 = torch.cat([t[:, :p], rolled], 1)
     a, bb = run_blocks(t), run_blocks(t2)
     back = torch.roll(bb[:, p:].reshape(b, *grid, c), s, (1, 2)).reshape(b, -1, c)
     return 0.5 * (a + torch.cat([bb[:, :p], back], 1))

@@ -49,9 +49,12 @@ from torch import Tensor
 __all__ = [
     "clip_logits",
     "clip_loss",
+    "clip_loss_labelled",
     "clip_loss_lse",
+    "positive_mask",
     "siglip_logits",
     "siglip_loss",
+    "siglip_loss_labelled",
     "simulate_ranks",
 ]
 
@@ -145,6 +148,48 @@ def clip_loss(image_rows: Tensor, text_rows: Tensor, image_cols: Tensor, text_co
     return (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2
 
 
+def positive_mask(row_labels: Tensor, col_labels: Tensor, rows: int, cols: int, device: torch.device) -> Tensor:
+    """``(R, N)`` bool: pair ``(i, j)`` is positive when ``row_labels[i] == col_labels[j]``, after
+    checking the labels (int64, 1-D, ``R`` and ``N`` of them, on ``device``)."""
+    for name, labels, n in (("row_labels", row_labels, rows), ("col_labels", col_labels, cols)):
+        if not isinstance(labels, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of int64 labels, got {type(labels).__name__}")
+        if labels.dtype != torch.int64 or labels.dim() != 1 or labels.shape[0] != n:
+            raise ValueError(f"{name} must be an int64 tensor of shape ({n},), got {labels.dtype} of shape "
+                             f"{tuple(labels.shape)}")
+        if labels.device != device:
+            raise ValueError(f"{name} must be on {device} (the features' device), got {labels.device}")
+    return row_labels[:, None] == col_labels[None, :]
+
+
+def clip_loss_labelled(image_rows: Tensor, text_rows: Tensor, image_cols: Tensor, text_cols: Tensor,
+                       logit_scale: Tensor | float, logit_bias: Tensor | float | None, row_labels: Tensor,
+                       col_labels: Tensor) -> Tensor:
+    """CLIP loss with labels, dense: pair ``(i, j)`` is positive when ``row_labels[i] ==
+    col_labels[j]`` (the labels of the rows' samples and of the columns' samples).
+
+    Each image row's target is the uniform distribution over its positive text columns, and each text
+    row's over its positive image columns; the loss is the mean over rows of the cross-entropy against
+    that target, the two directions averaged::
+
+        loss = (mean_i [lse_j l_ij - mean_{j in P(i)} l_ij] + the same for the text rows) / 2
+
+    With every label distinct and ``col_labels[label_offset + i] == row_labels[i]`` this is
+    :func:`clip_loss` exactly. Every row needs a positive (``ValueError`` otherwise; a row's own pair
+    is one when its labels travel with its features).
+    """
+    logits_i2t, logits_t2i = clip_logits(image_rows, text_rows, image_cols, text_cols, logit_scale, logit_bias)
+    rows, cols = logits_i2t.shape
+    mask = positive_mask(row_labels, col_labels, rows, cols, logits_i2t.device)
+    counts = mask.sum(1)
+    if bool((counts == 0).any()):
+        raise ValueError(f"row(s) {torch.nonzero(counts == 0).flatten().tolist()} have no positive column: "
+                         "every row label must appear among col_labels")
+    target = mask.to(logits_i2t.dtype) / counts[:, None]
+    ce = [torch.logsumexp(lg, 1) - (target * lg).sum(1) for lg in (logits_i2t, logits_t2i)]
+    return (ce[0].mean() + ce[1].mean()) / 2
+
+
 def clip_loss_lse(image_rows: Tensor, text_rows: Tensor, image_cols: Tensor, text_cols: Tensor,
                   logit_scale: Tensor | float, logit_bias: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
     """Log-sum-exp of every row of the two CLIP logit matrices (what a fused kernel saves for backward).
@@ -230,6 +275,17 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tens
     rows = torch.arange(batch, device=logits.device)
     signs[rows, rows + positive_offset] = 1.0
     return -F.logsigmoid(signs * logits).sum() / batch
+
+
+def siglip_loss_labelled(image_features: Tensor, text_cols: Tensor, logit_scale: Tensor | float,
+                         logit_bias: Tensor | float | None, row_labels: Tensor, col_labels: Tensor) -> Tensor:
+    """SigLIP loss with labels, dense: the target of pair ``(i, j)`` is ``+1`` when ``row_labels[i] ==
+    col_labels[j]`` and ``-1`` otherwise; ``-sum_ij logsigmoid(target_ij * logits_ij) / B`` (open_clip's
+    normalisation, the local ``B``). With every label distinct it is :func:`siglip_loss` exactly."""
+    logits = siglip_logits(image_features, text_cols, logit_scale, logit_bias)
+    mask = positive_mask(row_labels, col_labels, logits.shape[0], logits.shape[1], logits.device)
+    signs = torch.where(mask, 1.0, -1.0).to(logits.dtype)
+    return -F.logsigmoid(signs * logits).sum() / logits.shape[0]
 
 
 # ---------------------------------------------------------------------------------- rank simulation

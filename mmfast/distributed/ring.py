@@ -92,15 +92,15 @@ def chunking(bmax: int, row_bytes: int) -> tuple[int, int]:
 
 
 class _Plan:
-    """Geometry of one call: the order of the pieces, their columns and padding, the peers. A plan
-    describes one column chunk (:meth:`chunk`); ``sizes``, ``offs`` and ``bmax`` are the chunk's."""
+    """Geometry of one call: the order of the pieces, their columns and padding, the peers. The walk
+    runs on the plan of one column chunk (:meth:`chunk`), which adds the chunk's ``sizes``, ``offs``,
+    ``bmax`` and first row ``lo``."""
 
     def __init__(self, layout: GroupLayout, sizes: list[int], text: Tensor):
         self.layout = layout
         self.g, self.k, self.j, self.p = layout.group_size, layout.num_groups, layout.group_index, layout.position
         self.chunks, self.rows = chunking(max(sizes), text.shape[1] * text.element_size())
         self._sizes, self._offs = sizes, common.offsets(sizes)
-        self.sizes, self.offs, self.bmax, self.lo = sizes, self._offs, max(sizes), 0
         self.channel = None
         if layout.column is not None:
             ranks = [self._global(jj * self.g + self.p) for jj in range(self.k)]
@@ -211,7 +211,8 @@ def _ring_text_grads(plan: _Plan, text: Tensor, guard: _Guard, piece_grads) -> T
     itself. Returns this rank's summed text gradient, ``[chunks * rows, D]`` (rows past its batch:
     padding)."""
     if plan.chunks == 1:
-        return _chunk_text_grads(plan.chunk(0), plan.chunk(0).piece(text), guard, piece_grads)
+        cp = plan.chunk(0)
+        return _chunk_text_grads(cp, cp.piece(text), guard, piece_grads)
     d_text = text.new_empty((plan.chunks * plan.rows, text.shape[1]), dtype=common.compute_dtype(text))
     for i in range(plan.chunks):
         cp = plan.chunk(i)

@@ -98,7 +98,24 @@ def _resolve(impl: str, image: Tensor, text: Tensor) -> str:
     return tiles.resolve_impl(image, text, impl)
 
 
-def _prepare(image, text, logit_scale, logit_bias, rank, world_size, group, group_size, impl, exchange):
+def _check_labels(labels, image: Tensor) -> None:
+    """``labels``: None or one int64 label per local sample, on the features' device (any value,
+    negatives included, is a label)."""
+    if labels is None:
+        return
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be None or an int64 torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype != torch.int64:
+        raise TypeError(f"labels must be int64, got {labels.dtype}")
+    if labels.shape != (image.shape[0],):
+        raise ValueError(f"labels must have shape ({image.shape[0]},) (one per local sample), got "
+                         f"{tuple(labels.shape)}")
+    if labels.device != image.device:
+        raise ValueError(f"labels are on {labels.device} but the features are on {image.device}")
+
+
+def _prepare(image, text, logit_scale, logit_bias, rank, world_size, group, group_size, impl, exchange,
+             labels=None):
     """Validate everything; (scale, bias, group_size, backend).
 
     With several ranks, a bad input on one rank is reported to the others through the size exchange
@@ -118,6 +135,7 @@ def _prepare(image, text, logit_scale, logit_bias, rank, world_size, group, grou
         scale = _as_scalar_tensor(logit_scale, "logit_scale", image)
         bias = None if logit_bias is None else _as_scalar_tensor(logit_bias, "logit_bias", image)
         _check_scale(scale, bias)
+        _check_labels(labels, image)
         backend = _resolve(impl, image, text)
     except (ValueError, TypeError, RuntimeError) as exc:
         if world_size > 1:
@@ -132,7 +150,7 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor
               logit_bias: Tensor | float | None = None, *, local_loss: bool = False,
               gather_with_grad: bool = False, rank: int = 0, world_size: int = 1, group=None,
               group_size: int | None = None, exchange: str = "auto", impl: str = "auto",
-              output_dict: bool = False) -> Tensor | dict[str, Tensor]:
+              output_dict: bool = False, labels: Tensor | None = None) -> Tensor | dict[str, Tensor]:
     """CLIP's symmetric InfoNCE loss, exact, tiled (the B x (W*B) logits never exist).
 
     Args:
@@ -151,50 +169,59 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor
             The same on every rank; the loss and gradients are the same for each.
         impl: "auto", "cpp", "triton" or "reference" (forces a backend; see ``python -m mmfast.info``).
         output_dict: return {"contrastive_loss": loss}.
+        labels: None (the positive of sample i is its own pair: open_clip's loss), or [B] int64, one
+            label per local sample: over the global batch, image i and text j are a positive pair
+            when their labels are equal. Each row's target is then uniform over its positives (each
+            image row over the texts with its label, each text row over the images), the loss the
+            mean over rows of the cross-entropy against it, the two directions averaged as above;
+            with every label distinct it is the plain loss. Every value is a label (negatives too).
+            On several ranks, every rank passes labels or none does.
     Returns:
         the loss: 0-dim float32 (float64 for float64 features), as open_clip's loss is under
         autocast; gradients come back in the features' dtype.
     """
     scale, bias, group_size, backend = _prepare(image_features, text_features, logit_scale, logit_bias, rank,
-                                                world_size, group, group_size, impl, exchange)
+                                                world_size, group, group_size, impl, exchange, labels)
     if world_size == 1:
         from mmfast.ops.contrastive_loss import clip_loss_fwd
 
-        loss = clip_loss_fwd(image_features, text_features, scale, bias, backend)[0]
+        loss = clip_loss_fwd(image_features, text_features, scale, bias, labels, backend)[0]
     else:
         from mmfast.distributed.contrastive import clip_loss_distributed
 
         loss = clip_loss_distributed(image_features, text_features, scale, bias, group=group,
                                      group_size=group_size, local_loss=local_loss,
-                                     gather_with_grad=gather_with_grad, impl=backend, exchange=exchange)
+                                     gather_with_grad=gather_with_grad, impl=backend, exchange=exchange,
+                                     labels=labels)
     return {"contrastive_loss": loss} if output_dict else loss
 
 
 def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor | float,
                 logit_bias: Tensor | float | None, *, rank: int = 0, world_size: int = 1,
                 dist_impl: str | None = None, group=None, group_size: int | None = None,
-                exchange: str = "auto", impl: str = "auto", output_dict: bool = False
-                ) -> Tensor | dict[str, Tensor]:
+                exchange: str = "auto", impl: str = "auto", output_dict: bool = False,
+                labels: Tensor | None = None) -> Tensor | dict[str, Tensor]:
     """SigLIP's pairwise sigmoid loss, exact and tiled: -sum log sigmoid(y_ij l_ij) / B_local.
 
     Same conventions as open_clip's SigLipLoss. ``dist_impl`` ("bidir", "shift", "reduce",
     "gather", None = "bidir") is accepted for compatibility: every choice gives the same value and
     gradients as open_clip's, and mmfast always uses its grouped exchange (``exchange``: as in
-    :func:`clip_loss`).
+    :func:`clip_loss`). ``labels`` ([B] int64 or None): the target y_ij is +1 when the labels of
+    image i and text j (over the global batch) are equal, -1 otherwise; None is the diagonal.
     """
     if dist_impl is not None and dist_impl not in SIGLIP_DIST_IMPLS:
         raise ValueError(f"dist_impl must be one of {SIGLIP_DIST_IMPLS} or None, got {dist_impl!r}")
     scale, bias, group_size, backend = _prepare(image_features, text_features, logit_scale, logit_bias, rank,
-                                                world_size, group, group_size, impl, exchange)
+                                                world_size, group, group_size, impl, exchange, labels)
     if world_size == 1:
         from mmfast.ops.contrastive_loss import siglip_loss
 
-        loss = siglip_loss(image_features, text_features, scale, bias, backend)
+        loss = siglip_loss(image_features, text_features, scale, bias, backend, labels)
     else:
         from mmfast.distributed.contrastive import siglip_loss_distributed
 
         loss = siglip_loss_distributed(image_features, text_features, scale, bias, group=group,
-                                       group_size=group_size, impl=backend, exchange=exchange)
+                                       group_size=group_size, impl=backend, exchange=exchange, labels=labels)
     return {"contrastive_loss": loss} if output_dict else loss
 
 

@@ -14,8 +14,8 @@ from mmfast.distributed.groups import GroupLayout
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 EXCHANGES = ("gather", "ring", "auto")
-# B, D, dtype code, ok, max |image row|, exchange code, memory budget of "auto" (bytes)
-_HEADER = 7
+# B, D, dtype code, ok, max |image row|, exchange code, memory budget of "auto" (bytes), labels given
+_HEADER = 8
 
 
 def compute_dtype(t: Tensor) -> torch.dtype:
@@ -34,7 +34,7 @@ def _info_device(group, like: Tensor | None) -> torch.device:
 def report_bad_input(group, like: Tensor | None) -> None:
     """Take part in the header exchange with a 'bad input' flag, so the other ranks raise too."""
     dev = _info_device(group, like)
-    info = torch.tensor([0, 0, -1, 0, 0, -1, 0], dtype=torch.float64, device=dev)
+    info = torch.tensor([0, 0, -1, 0, 0, -1, 0, -1], dtype=torch.float64, device=dev)
     out = torch.empty(dist.get_world_size(group) * _HEADER, dtype=torch.float64, device=dev)
     dist.all_gather_into_tensor(out, info, group=group)
 
@@ -48,6 +48,7 @@ class Header:
     image_norm_max: Tensor  # float64 scalar: max |image row| over every rank (bounds the logits)
     exchange: str  # as requested: "gather", "ring" or "auto" (the same on every rank)
     budget: float  # smallest "auto" memory budget (bytes) over the ranks
+    labelled: bool = False  # every rank passed labels
 
     @property
     def offsets(self) -> list[int]:
@@ -58,17 +59,18 @@ class Header:
         return sum(self.sizes)
 
 
-def exchange_header(image: Tensor, text: Tensor, layout: GroupLayout, exchange: str, budget: float) -> Header:
-    """All-gather (B, D, dtype, ok, max |image row|, exchange, budget) from every rank (one
-    collective); raise the same error on every rank when they disagree, so a bad input on one rank
-    never leaves the others blocked in a later collective. Values are float64 (integers below 2**53
-    are exact)."""
+def exchange_header(image: Tensor, text: Tensor, layout: GroupLayout, exchange: str, budget: float,
+                    labelled: bool = False) -> Header:
+    """All-gather (B, D, dtype, ok, max |image row|, exchange, budget, labels given) from every rank
+    (one collective); raise the same error on every rank when they disagree, so a bad input on one
+    rank never leaves the others blocked in a later collective. Values are float64 (integers below
+    2**53 are exact)."""
     dev = image.device
     fields = [float(image.shape[0]), float(image.shape[1]), float(_DTYPE_CODES.get(image.dtype, -1)), 1.0]
     info = torch.cat([torch.tensor(fields, dtype=torch.float64, device=dev),
                       torch.linalg.vector_norm(image.detach(), dim=1).max().double().reshape(1),
-                      torch.tensor([float(EXCHANGES.index(exchange)), float(budget)], dtype=torch.float64,
-                                   device=dev)])
+                      torch.tensor([float(EXCHANGES.index(exchange)), float(budget), float(labelled)],
+                                   dtype=torch.float64, device=dev)])
     out = torch.empty(layout.world_size * _HEADER, dtype=torch.float64, device=dev)
     dist.all_gather_into_tensor(out, info, group=layout.group)
     table = out.view(layout.world_size, _HEADER)
@@ -83,10 +85,15 @@ def exchange_header(image: Tensor, text: Tensor, layout: GroupLayout, exchange: 
     codes = table[:, 5].long().tolist()
     if len(set(codes)) != 1:
         raise ValueError(f"exchange differs across ranks: {[EXCHANGES[c] for c in codes]}")
+    flags = table[:, 7].long().tolist()
+    if len(set(flags)) != 1:
+        raise ValueError(f"labels were passed on rank(s) {[r for r, f in enumerate(flags) if f]} and not on rank(s) "
+                         f"{[r for r, f in enumerate(flags) if not f]}: pass them on every rank or on none")
     sizes = [row[0] for row in rows]
     if min(sizes) < 1:
         raise ValueError(f"every rank needs at least one sample; local batch sizes are {sizes}")
-    return Header(sizes, rows[0][1], table[:, 4].max(), EXCHANGES[codes[0]], table[:, 6].min().item())
+    return Header(sizes, rows[0][1], table[:, 4].max(), EXCHANGES[codes[0]], table[:, 6].min().item(),
+                  bool(flags[0]))
 
 
 def offsets(sizes: list[int]) -> list[int]:
@@ -164,7 +171,8 @@ def clip_loss_terms(row_lse: Tensor, row_el: Tensor, pos: Tensor) -> Tensor:
 def clip_finish(header: Header, rank: int, local_loss: bool, scale: Tensor, row_terms: Tensor,
                 row_terms_all: Tensor, col_lse: Tensor, col_el: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
     """(loss, d loss / d scale) of this rank from its row terms, the summed row terms of every rank
-    and the global column statistics."""
+    and the global column statistics; ``pos``: the positive logit (with labels, the mean over the
+    positives) of this rank's columns."""
     dt = col_lse.dtype
     s = scale.to(dt).reshape(())
     if local_loss:
@@ -182,35 +190,49 @@ def clip_finish(header: Header, rank: int, local_loss: bool, scale: Tensor, row_
 
 
 def clip_grads_out(w: ClipWeights, rank: int, header: Header, image: Tensor, text: Tensor, scale: Tensor,
-                   bias: Tensor | None, grad: Tensor, dscale: Tensor, d_image: Tensor, d_text: Tensor
-                   ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+                   bias: Tensor | None, grad: Tensor, dscale: Tensor, d_image: Tensor, d_text: Tensor,
+                   positives: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """What the CLIP backward returns for (image, text, scale, bias): the positive pairs' terms (-l_ii
-    in the row and the column terms: both on this rank) and the final scale applied to the tile
-    gradients ``d_image`` / ``d_text`` in place (buffers the caller owns; no [B, D] temporary), in
-    the inputs' dtypes."""
+    in the row and the column terms: both on this rank; ``positives=False`` where the caller added
+    them, as the labelled loss does) and the final scale applied to the tile gradients ``d_image`` /
+    ``d_text`` in place (buffers the caller owns; no [B, D] temporary), in the inputs' dtypes."""
     dt = d_image.dtype
     off = header.offsets[rank]
     mine = slice(off, off + header.sizes[rank])
     neg_s = -scale.to(dt).reshape(())
     b_row = w.a_row if w.b_row is None else w.b_row
     b_col = w.a_col if w.b_col is None else w.b_col
-    d_image.addcmul_(((w.a_row + w.a_col[mine]) * neg_s)[:, None], text.to(dt)).mul_(w.scale)
-    d_text.addcmul_(((b_row + b_col[mine]) * neg_s)[:, None], image.to(dt)).mul_(w.scale)
+    if positives:
+        d_image.addcmul_(((w.a_row + w.a_col[mine]) * neg_s)[:, None], text.to(dt))
+        d_text.addcmul_(((b_row + b_col[mine]) * neg_s)[:, None], image.to(dt))
+    d_image.mul_(w.scale)
+    d_text.mul_(w.scale)
     d_scale = (grad.to(dt).reshape(()) * dscale).reshape(scale.shape).to(scale.dtype)
     return d_image.to(image.dtype), d_text.to(text.dtype), d_scale, None if bias is None else torch.zeros_like(bias)
 
 
 def siglip_grads_out(g: Tensor, image: Tensor, text: Tensor, scale: Tensor, bias: Tensor | None, d_image: Tensor,
-                     d_text: Tensor, d_scale: Tensor, d_bias: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+                     d_text: Tensor, d_scale: Tensor, d_bias: Tensor, labelled=None
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """What the SigLIP backward returns for (image, text, scale, bias): the positive pairs' terms (row
     weights ``g / B``) added to the tile gradients (``d_image`` / ``d_text`` in place), in the inputs'
-    dtypes."""
+    dtypes. ``labelled``: the :class:`~mmfast.distributed.labels.SigLipPositiveGrads` of a labelled
+    call (the text terms are in ``d_text`` already; the rest it gives)."""
     dt = d_image.dtype
     c = g / image.shape[0]
     neg_cs = -(c * scale.to(dt).reshape(()))
-    image_l, text_l = image.to(dt), text.to(dt)
-    d_image.addcmul_(text_l, neg_cs)
-    d_text.addcmul_(image_l, neg_cs)
-    d_scale = d_scale - c * torch.dot(image_l.reshape(-1), text_l.reshape(-1))
+    image_l = image.to(dt)
+    if labelled is not None:
+        # sum over this rank's rows of the positives' logits: scale * image_i . T[y_i] + c_i * bias
+        t_rows = labelled.image_part()
+        d_image.addcmul_(t_rows, neg_cs)
+        d_scale = d_scale - c * torch.dot(image_l.reshape(-1), t_rows.reshape(-1))
+        d_bias = d_bias - c * labelled.lab.row_count.sum()
+    else:
+        text_l = text.to(dt)
+        d_image.addcmul_(text_l, neg_cs)
+        d_text.addcmul_(image_l, neg_cs)
+        d_scale = d_scale - c * torch.dot(image_l.reshape(-1), text_l.reshape(-1))
+        d_bias = d_bias - g
     return (d_image.to(image.dtype), d_text.to(text.dtype), d_scale.reshape(scale.shape).to(scale.dtype),
-            None if bias is None else (d_bias - g).reshape(bias.shape).to(bias.dtype))
+            None if bias is None else d_bias.reshape(bias.shape).to(bias.dtype))

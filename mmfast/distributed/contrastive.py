@@ -27,6 +27,11 @@ ring, CLIP             header; k group piece exchanges (g > 1); k - 1 ring steps
 ring, SigLIP           as ring CLIP, with a failure-flag all-reduce in place of the statistics one
 =====================  ==========================================================================
 
+With ``labels``, every scheme adds one all-gather of the labels (``W * B`` int64) after the header,
+and CLIP's statistics all-reduce carries N more floats (each column's positive-logit partial); the
+positive pairs' terms come from class sums (:mod:`mmfast.distributed.labels`), formed as the text
+blocks pass through the tile loops.
+
 The ring's point-to-point exchanges (group exchanges and ring steps) repeat once per column chunk
 (``c = ring.chunking(B, row bytes)[0]``, 1 to 4: at B = 1024, D = 512 fp32, 4; with bf16 D = 768, 2).
 A ring step is one asynchronous send to the next group + one receive from the previous one; a group
@@ -45,6 +50,7 @@ from mmfast.distributed import common
 from mmfast.distributed.common import EXCHANGES, report_bad_input
 from mmfast.distributed.gather import ClipGatherFn, SigLipGatherFn
 from mmfast.distributed.groups import get_layout
+from mmfast.distributed.labels import GlobalLabels
 from mmfast.distributed.ring import ClipRingFn, RingFailure, SigLipRingFn, chunking
 
 __all__ = ["clip_loss_distributed", "siglip_loss_distributed", "pick_exchange", "gather_memory_bytes",
@@ -113,25 +119,29 @@ def pick_exchange(exchange: str, world: int, group_size: int, bmax: int, dim: in
     return "ring" if need > (memory_budget() if budget is None else budget) else "gather"
 
 
-def _setup(image: Tensor, text: Tensor, group, group_size: int, exchange: str):
+def _setup(image: Tensor, text: Tensor, group, group_size: int, exchange: str, labels: Tensor | None):
     layout = get_layout(group, group_size)
-    header = common.exchange_header(image, text, layout, exchange, memory_budget())
+    header = common.exchange_header(image, text, layout, exchange, memory_budget(), labels is not None)
     # everything comes from the header: every rank takes the same scheme
     scheme = pick_exchange(header.exchange, layout.world_size, layout.group_size, max(header.sizes), header.dim,
                            image.element_size(), header.budget)
-    return layout, header, scheme
+    lab = None
+    if labels is not None:
+        lab = GlobalLabels(labels, header.sizes, header.offsets[layout.rank], layout, common.compute_dtype(image))
+    return layout, header, scheme, lab
 
 
 def clip_loss_distributed(image: Tensor, text: Tensor, scale: Tensor, bias: Tensor | None, *, group,
                           group_size: int, local_loss: bool, gather_with_grad: bool, impl: str,
-                          exchange: str = "auto") -> Tensor:
-    layout, header, scheme = _setup(image, text, group, group_size, exchange)
+                          exchange: str = "auto", labels: Tensor | None = None) -> Tensor:
+    layout, header, scheme, lab = _setup(image, text, group, group_size, exchange, labels)
     fn = ClipRingFn if scheme == "ring" else ClipGatherFn
-    return fn.apply(image, text, scale, bias, layout, header, local_loss, gather_with_grad, impl)
+    return fn.apply(image, text, scale, bias, layout, header, local_loss, gather_with_grad, impl, lab)
 
 
 def siglip_loss_distributed(image: Tensor, text: Tensor, scale: Tensor, bias: Tensor | None, *, group,
-                            group_size: int, impl: str, exchange: str = "auto") -> Tensor:
-    layout, header, scheme = _setup(image, text, group, group_size, exchange)
+                            group_size: int, impl: str, exchange: str = "auto", labels: Tensor | None = None
+                            ) -> Tensor:
+    layout, header, scheme, lab = _setup(image, text, group, group_size, exchange, labels)
     fn = SigLipRingFn if scheme == "ring" else SigLipGatherFn
-    return fn.apply(image, text, scale, bias, layout, header, impl)
+    return fn.apply(image, text, scale, bias, layout, header, impl, lab)

@@ -28,6 +28,7 @@ from torch import Tensor
 from mmfast.distributed import common
 from mmfast.distributed.comm import combine_column_stats, reduce_scatter
 from mmfast.distributed.groups import GroupLayout
+from mmfast.distributed.labels import ClipPositiveGrads, ClipPositives, SigLipPositives
 from mmfast.ops import contrastive as tiles
 from mmfast.ops.contrastive_loss import positive_logits, siglip_loss_value
 
@@ -127,76 +128,106 @@ def _reduce_text_grads(partial: Tensor, sizes: list[int], layout: GroupLayout, o
 
 class ClipGatherFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, image, text, scale, bias, layout, header, local_loss, gather_with_grad, impl):
+    def forward(ctx, image, text, scale, bias, layout, header, local_loss, gather_with_grad, impl, lab=None):
         sizes = header.sizes
         ex = _TextExchange(text, sizes, layout)
         own_cols, other_cols = _column_split(layout, sizes, image.device)
+        pp = None if lab is None else ClipPositives(lab, image, header.total)
         # the column block's tiles run while the group all-gather is in flight
-        rl, re, cl_own, ce_own = tiles.softmax_stats(image, ex.own(), scale, bias, impl)
+        own = ex.own()
+        rl, re, cl_own, ce_own = tiles.softmax_stats(image, own, scale, bias, impl)
+        if pp is not None:
+            pp.add(own_cols, own)
+        own = None
         texts = ex.wait_all()
         dt = rl.dtype
         col_lse = torch.full((header.total,), float("-inf"), dtype=dt, device=image.device)
         col_el = torch.zeros(header.total, dtype=dt, device=image.device)
         col_lse[own_cols], col_el[own_cols] = cl_own, ce_own
         if other_cols.numel():
-            rl2, re2, cl2, ce2 = tiles.softmax_stats(image, texts.index_select(0, other_cols), scale, bias, impl)
+            block = texts.index_select(0, other_cols)
+            rl2, re2, cl2, ce2 = tiles.softmax_stats(image, block, scale, bias, impl)
             rl, re = common.merge_lse(rl, re, rl2, re2)
             col_lse[other_cols], col_el[other_cols] = cl2, ce2
-        pos = positive_logits(image, text, scale, bias, dt)
+            if pp is not None:
+                pp.add(other_cols, block)
+            block = None
+        pos = positive_logits(image, text, scale, bias, dt) if pp is None else pp.row_means(image, scale, bias)
         row_terms = common.clip_loss_terms(rl, re, pos)
         shift = common.logit_bound(texts, scale, bias, header.image_norm_max)
-        col_lse, col_el, row_terms_all = combine_column_stats(col_lse, col_el, shift, row_terms, layout.group)
-        loss, dscale = common.clip_finish(header, layout.rank, local_loss, scale, row_terms, row_terms_all,
-                                          col_lse, col_el, pos)
+        extra = row_terms if pp is None else torch.cat([row_terms, pp.col_dots])
+        col_lse, col_el, extra_all = combine_column_stats(col_lse, col_el, shift, extra, layout.group)
+        col_pos = pos
+        if pp is not None:  # the mean positive logit of this rank's text columns
+            off = header.offsets[layout.rank]
+            col_pos = pp.col_means(extra_all[3:], scale, bias)[off:off + sizes[layout.rank]]
+        loss, dscale = common.clip_finish(header, layout.rank, local_loss, scale, row_terms, extra_all[:3],
+                                          col_lse, col_el, col_pos)
         ctx.save_for_backward(image, texts, scale, bias, rl, col_lse, dscale)
-        ctx.meta = (layout, header, local_loss, gather_with_grad, impl)
+        ctx.meta = (layout, header, local_loss, gather_with_grad, impl, lab)
         return loss
 
     @staticmethod
     def backward(ctx, grad):
         image, texts, scale, bias, rl, col_lse, dscale = ctx.saved_tensors
-        layout, header, local_loss, gwg, impl = ctx.meta
+        layout, header, local_loss, gwg, impl, lab = ctx.meta
         sizes, r, dt, dev = header.sizes, layout.rank, rl.dtype, image.device
         w = common.clip_weights(grad, sizes, layout, local_loss, gwg, dt)
         own_cols, other_cols = _column_split(layout, sizes, dev)
         d = image.shape[1]
         partial = torch.zeros(header.total, d, dtype=image.dtype, device=dev)
         d_image = torch.zeros(sizes[r], d, dtype=dt, device=dev)
+        pg = None if lab is None else ClipPositiveGrads(lab, image, w)
+        s = scale.to(dt).reshape(())
 
         def grads(cols):
+            block = texts.index_select(0, cols)
             d_i, d_t = tiles.softmax_grads(
-                image, texts.index_select(0, cols), scale, bias, rl, col_lse[cols], w.a_row, w.a_col[cols],
+                image, block, scale, bias, rl, col_lse[cols], w.a_row, w.a_col[cols],
                 w.b_row, None if w.b_col is None else w.b_col[cols], impl)
             d_image.add_(d_i)
+            if pg is not None:
+                d_t.sub_(pg.text_part(cols, block).mul_(s))
             return d_t.to(image.dtype)
 
         if other_cols.numel():
             partial.index_copy_(0, other_cols, grads(other_cols))
         # the column block's tiles run while the group reduce-scatter is in flight
         d_text = _reduce_text_grads(partial, sizes, layout, lambda: grads(own_cols)).to(dt)
+        if pg is not None:
+            d_image.sub_(pg.image_part().mul_(s))
         off = header.offsets[r]
         return (*common.clip_grads_out(w, r, header, image, texts[off:off + sizes[r]], scale, bias, grad, dscale,
-                                       d_image, d_text), None, None, None, None, None)
+                                       d_image, d_text, positives=pg is None), None, None, None, None, None, None)
 
 
 class SigLipGatherFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, image, text, scale, bias, layout, header, impl):
+    def forward(ctx, image, text, scale, bias, layout, header, impl, lab=None):
         ex = _TextExchange(text, header.sizes, layout)
-        rows = tiles.sigmoid_rowsum(image, ex.own(), scale, bias, impl)
+        own_cols, other_cols = _column_split(layout, header.sizes, image.device)
+        sp = None if lab is None else SigLipPositives(lab, image)
+        own = ex.own()
+        rows = tiles.sigmoid_rowsum(image, own, scale, bias, impl)
+        if sp is not None:
+            sp.add(own_cols, own)
+        own = None
         texts = ex.wait_all()
-        _, other_cols = _column_split(layout, header.sizes, image.device)
         if other_cols.numel():
-            rows = rows + tiles.sigmoid_rowsum(image, texts.index_select(0, other_cols), scale, bias, impl)
-        loss = siglip_loss_value(rows, image, text, scale, bias)
+            block = texts.index_select(0, other_cols)
+            rows = rows + tiles.sigmoid_rowsum(image, block, scale, bias, impl)
+            if sp is not None:
+                sp.add(other_cols, block)
+            block = None
+        loss = siglip_loss_value(rows, image, text, scale, bias) if sp is None else sp.loss(rows, image, scale, bias)
         ctx.save_for_backward(image, texts, scale, bias)
-        ctx.meta = (layout, header, impl)
+        ctx.meta = (layout, header, impl, lab)
         return loss
 
     @staticmethod
     def backward(ctx, grad):
         image, texts, scale, bias = ctx.saved_tensors
-        layout, header, impl = ctx.meta
+        layout, header, impl, lab = ctx.meta
         sizes, r = header.sizes, layout.rank
         dt = common.compute_dtype(image)
         b_r, d, dev = sizes[r], image.shape[1], image.device
@@ -207,16 +238,22 @@ class SigLipGatherFn(torch.autograd.Function):
         acc = [torch.zeros(b_r, d, dtype=dt, device=dev), torch.zeros((), dtype=dt, device=dev),
                torch.zeros((), dtype=dt, device=dev)]
 
+        sp = None if lab is None else SigLipPositives(lab, image)
+        cs = g / b_r * scale.to(dt).reshape(())
+
         def run(cols):
-            d_i, d_t, d_s, d_b = tiles.sigmoid_grads(image, texts.index_select(0, cols), scale, bias, w, impl)
+            block = texts.index_select(0, cols)
+            d_i, d_t, d_s, d_b = tiles.sigmoid_grads(image, block, scale, bias, w, impl)
             acc[0] += d_i
             acc[1] += d_s
             acc[2] += d_b
+            if sp is not None:
+                d_t.sub_(sp.text_part(cols, block).mul_(cs))
             return d_t.to(image.dtype)
 
         if other_cols.numel():
             partial.index_copy_(0, other_cols, run(other_cols))
         d_text = _reduce_text_grads(partial, sizes, layout, lambda: run(own_cols)).to(dt)
         off = header.offsets[r]
-        return (*common.siglip_grads_out(g, image, texts[off:off + b_r], scale, bias, acc[0], d_text, acc[1], acc[2]),
-                None, None, None)
+        return (*common.siglip_grads_out(g, image, texts[off:off + b_r], scale, bias, acc[0], d_text, acc[1], acc[2],
+                                         sp), None, None, None, None)

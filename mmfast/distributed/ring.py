@@ -59,6 +59,7 @@ from torch import Tensor
 from mmfast.distributed import common
 from mmfast.distributed.comm import RingChannel, combine_column_stats, p2p
 from mmfast.distributed.groups import GroupLayout
+from mmfast.distributed.labels import ClipPositiveGrads, ClipPositives, SigLipPositives
 from mmfast.ops import contrastive as tiles
 from mmfast.ops.contrastive_loss import positive_logits, siglip_loss_value
 
@@ -268,7 +269,7 @@ def _chunk_text_grads(plan: _Plan, text: Tensor, guard: _Guard, piece_grads) -> 
 
 class ClipRingFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, image, text, scale, bias, layout, header, local_loss, gather_with_grad, impl):
+    def forward(ctx, image, text, scale, bias, layout, header, local_loss, gather_with_grad, impl, lab=None):
         plan = _Plan(layout, header.sizes, text)
         dt, dev, n = common.compute_dtype(image), image.device, header.total
         col_lse = torch.full((n,), float("-inf"), dtype=dt, device=dev)
@@ -276,11 +277,14 @@ class ClipRingFn(torch.autograd.Function):
         shift = torch.zeros(n, dtype=torch.float64, device=dev)
         rows = [None, None]
         guard = _Guard()
+        pp = None if lab is None else ClipPositives(lab, image, n)
 
         def tile(cols, block):
             rl, re, cl, ce = tiles.softmax_stats(image, block, scale, bias, impl)
             rows[0], rows[1] = common.merge_lse(rows[0], rows[1], rl, re)
             col_lse[cols], col_el[cols] = cl, ce
+            if pp is not None:
+                pp.add(cols, block)
 
         for i in range(plan.chunks):
             cp = plan.chunk(i)
@@ -291,75 +295,92 @@ class ClipRingFn(torch.autograd.Function):
                     shift[cols] = common.logit_bound(piece, scale, bias, header.image_norm_max)
                     guard.run(tile, cols, piece)
                 piece = None
-        pos = positive_logits(image, text, scale, bias, dt)
+        pos = positive_logits(image, text, scale, bias, dt) if pp is None else pp.row_means(image, scale, bias)
         if guard.error is None:
             row_terms = common.clip_loss_terms(rows[0], rows[1], pos)
         else:
             row_terms = torch.zeros(3, dtype=dt, device=dev)
             col_lse.fill_(float("-inf"))
-        extra = torch.cat([row_terms.double(), guard.flag(dev)])
+        extra = torch.cat([row_terms.double(), guard.flag(dev)] + ([] if pp is None else [pp.col_dots.double()]))
         col_lse, col_el, extra_all = combine_column_stats(col_lse, col_el, shift, extra, layout.group)
         guard.raise_if_failed(extra_all[3].item(), "forward pass")
+        col_pos = pos
+        if pp is not None:  # the mean positive logit of this rank's text columns
+            off = header.offsets[layout.rank]
+            col_pos = pp.col_means(extra_all[4:], scale, bias)[off:off + text.shape[0]]
         loss, dscale = common.clip_finish(header, layout.rank, local_loss, scale, row_terms, extra_all[:3],
-                                          col_lse, col_el, pos)
+                                          col_lse, col_el, col_pos)
         ctx.save_for_backward(image, text, scale, bias, rows[0], col_lse, dscale)
-        ctx.meta = (layout, header, local_loss, gather_with_grad, impl)
+        ctx.meta = (layout, header, local_loss, gather_with_grad, impl, lab)
         return loss
 
     @staticmethod
     def backward(ctx, grad):
         image, text, scale, bias, rl, col_lse, dscale = ctx.saved_tensors
-        layout, header, local_loss, gwg, impl = ctx.meta
+        layout, header, local_loss, gwg, impl, lab = ctx.meta
         plan = _Plan(layout, header.sizes, text)
         dt, dev = rl.dtype, image.device
         w = common.clip_weights(grad, header.sizes, layout, local_loss, gwg, dt)
         d_image = torch.zeros(image.shape, dtype=dt, device=dev)
         guard = _Guard()
+        pg = None if lab is None else ClipPositiveGrads(lab, image, w)
+        s = scale.to(dt).reshape(())
 
         def piece_grads(cols, piece):
             d_i, d_t = tiles.softmax_grads(image, piece, scale, bias, rl, col_lse[cols], w.a_row, w.a_col[cols],
                                            w.b_row, None if w.b_col is None else w.b_col[cols], impl)
             d_image.add_(d_i)
+            if pg is not None:
+                d_t.sub_(pg.text_part(cols, piece).mul_(s))
             return d_t
 
         d_text = _ring_text_grads(plan, text.detach(), guard, piece_grads)
         failed = guard.flag(dev)
         dist.all_reduce(failed, group=layout.group)
         guard.raise_if_failed(failed.item(), "backward pass")
+        if pg is not None:
+            d_image.sub_(pg.image_part().mul_(s))
         return (*common.clip_grads_out(w, layout.rank, header, image, text, scale, bias, grad, dscale, d_image,
-                                       d_text[:text.shape[0]]), None, None, None, None, None)
+                                       d_text[:text.shape[0]], positives=pg is None), None, None, None, None, None,
+                None)
 
 
 class SigLipRingFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, image, text, scale, bias, layout, header, impl):
+    def forward(ctx, image, text, scale, bias, layout, header, impl, lab=None):
         plan = _Plan(layout, header.sizes, text)
         dt, dev = common.compute_dtype(image), image.device
         total = [torch.zeros(image.shape[0], dtype=dt, device=dev)]
         guard = _Guard()
+        sp = None if lab is None else SigLipPositives(lab, image)
 
-        def tile(block):
+        def tile(cols, block):
             total[0] = total[0] + tiles.sigmoid_rowsum(image, block, scale, bias, impl)
+            if sp is not None:
+                sp.add(cols, block)
 
         for i in range(plan.chunks):
             cp = plan.chunk(i)
-            for _, _, _, holder in _walk(cp, cp.piece(text.detach()), own_last=False):
+            for _, src, q, holder in _walk(cp, cp.piece(text.detach()), own_last=False):
                 piece = holder.pop()
                 if piece.shape[0]:
-                    guard.run(tile, piece)
+                    guard.run(tile, cp.columns(src, q), piece)
                 piece = None
         failed = guard.flag(dev)
         dist.all_reduce(failed, group=layout.group)
         guard.raise_if_failed(failed.item(), "forward pass")
-        loss = siglip_loss_value(total[0], image, text, scale, bias)
+        if sp is None:
+            loss = siglip_loss_value(total[0], image, text, scale, bias)
+        else:
+            loss = sp.loss(total[0], image, scale, bias)
         ctx.save_for_backward(image, text, scale, bias)
-        ctx.meta = (layout, header, impl)
+        ctx.meta = (layout, header, impl, lab)
         return loss
 
     @staticmethod
     def backward(ctx, grad):
         image, text, scale, bias = ctx.saved_tensors
-        layout, header, impl = ctx.meta
+        layout, header, impl, lab = ctx.meta
         plan = _Plan(layout, header.sizes, text)
         dt, dev = common.compute_dtype(image), image.device
         b_r = image.shape[0]
@@ -368,17 +389,21 @@ class SigLipRingFn(torch.autograd.Function):
         acc = [torch.zeros(image.shape, dtype=dt, device=dev), torch.zeros((), dtype=dt, device=dev),
                torch.zeros((), dtype=dt, device=dev)]
         guard = _Guard()
+        sp = None if lab is None else SigLipPositives(lab, image)
+        cs = g / b_r * scale.to(dt).reshape(())
 
         def piece_grads(cols, piece):
             d_i, d_t, d_s, d_b = tiles.sigmoid_grads(image, piece, scale, bias, w, impl)
             acc[0] += d_i
             acc[1] += d_s
             acc[2] += d_b
+            if sp is not None:
+                d_t.sub_(sp.text_part(cols, piece).mul_(cs))
             return d_t
 
         d_text = _ring_text_grads(plan, text.detach(), guard, piece_grads)
         failed = guard.flag(dev)
         dist.all_reduce(failed, group=layout.group)
         guard.raise_if_failed(failed.item(), "backward pass")
-        return (*common.siglip_grads_out(g, image, text, scale, bias, acc[0], d_text[:b_r], acc[1], acc[2]),
-                None, None, None)
+        return (*common.siglip_grads_out(g, image, text, scale, bias, acc[0], d_text[:b_r], acc[1], acc[2], sp),
+                None, None, None, None)

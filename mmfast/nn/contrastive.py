@@ -36,11 +36,13 @@ class ClipLoss(nn.Module):
         self.impl = impl
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor,
-                logit_bias: Tensor | None = None, output_dict: bool = False):
+                logit_bias: Tensor | None = None, output_dict: bool = False, *, labels: Tensor | None = None):
+        """``labels``: None (open_clip's loss) or [B] int64, every pair of equal labels a positive
+        (see :func:`mmfast.functional.clip_loss`)."""
         return F.clip_loss(image_features, text_features, logit_scale, logit_bias, local_loss=self.local_loss,
                            gather_with_grad=self.gather_with_grad, rank=self.rank, world_size=self.world_size,
                            group=self.group, group_size=self.group_size, exchange=self.exchange,
-                           impl=self.impl, output_dict=output_dict)
+                           impl=self.impl, output_dict=output_dict, labels=labels)
 
 
 class SigLipLoss(nn.Module):
@@ -63,8 +65,10 @@ class SigLipLoss(nn.Module):
         self.impl = impl
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor,
-                logit_bias: Tensor | None, output_dict: bool = False):
+                logit_bias: Tensor | None, output_dict: bool = False, *, labels: Tensor | None = None):
+        """``labels``: None (open_clip's loss) or [B] int64, target +1 for every pair of equal labels
+        (see :func:`mmfast.functional.siglip_loss`)."""
         return F.siglip_loss(image_features, text_features, logit_scale, logit_bias, rank=self.rank,
                              world_size=self.world_size, dist_impl=self.dist_impl, group=self.group,
                              group_size=self.group_size, exchange=self.exchange, impl=self.impl,
-                             output_dict=output_dict)
+                             output_dict=output_dict, labels=labels)

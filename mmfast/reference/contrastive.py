@@ -293,7 +293,8 @@ def siglip_loss_labelled(image_features: Tensor, text_cols: Tensor, logit_scale:
 
 def simulate_ranks(loss_name: Literal["clip", "siglip"], features_per_rank: list[tuple[Tensor, Tensor]],
                    logit_scale: Tensor | float, logit_bias: Tensor | float | None, *, local_loss: bool = False,
-                   gather_with_grad: bool = False) -> list[dict[str, Any]]:
+                   gather_with_grad: bool = False, labels_per_rank: list[Tensor] | None = None
+                   ) -> list[dict[str, Any]]:
     """Simulate, in one process, every rank of an open_clip job and the gradients each rank receives.
 
     Args:
@@ -304,6 +305,9 @@ def simulate_ranks(loss_name: Literal["clip", "siglip"], features_per_rank: list
         logit_bias: scalar ``b`` or None.
         local_loss, gather_with_grad: the ``ClipLoss`` flags; must stay False for ``"siglip"``, whose
             gradient routing does not depend on any flag.
+        labels_per_rank: ``W`` int64 tensors ``(B_r,)`` (the labels of each rank's samples) for the
+            labelled losses (:func:`clip_loss_labelled`, :func:`siglip_loss_labelled`: pair (i, j) of
+            the global batch is positive when the labels are equal), or None for the diagonal.
 
     Returns:
         One dict per rank: ``{"loss": 0-dim tensor (detached), "grads": (d_image_r, d_text_r, d_scale,
@@ -340,6 +344,10 @@ def simulate_ranks(loss_name: Literal["clip", "siglip"], features_per_rank: list
                 f"rank {r}: image {tuple(img.shape)} and text {tuple(txt.shape)} must match, with B_r >= 1"
             )
 
+    if labels_per_rank is not None and len(labels_per_rank) != world:
+        raise ValueError(f"labels_per_rank has {len(labels_per_rank)} entries for {world} ranks")
+    all_labels = None if labels_per_rank is None else torch.cat(list(labels_per_rank))
+
     # One leaf per owner for features (shared by all ranks' losses), one replica of s / b per rank.
     images = [img.detach().clone().requires_grad_(True) for img, _ in features_per_rank]
     texts = [txt.detach().clone().requires_grad_(True) for _, txt in features_per_rank]
@@ -367,6 +375,10 @@ def simulate_ranks(loss_name: Literal["clip", "siglip"], features_per_rank: list
 
     losses: list[Tensor] = []
     for r in range(world):
+        if all_labels is not None:
+            losses.append(_labelled_rank_loss(loss_name, r, world, images, texts, scales[r], biases[r], gathered,
+                                              labels_per_rank, all_labels, local_loss))
+            continue
         if loss_name == "siglip":
             loss = siglip_loss(images[r], texts[r], scales[r], biases[r],
                                text_cols=torch.cat(texts), positive_offset=starts[r])
@@ -392,3 +404,18 @@ def simulate_ranks(loss_name: Literal["clip", "siglip"], features_per_rank: list
         {"loss": losses[r].detach(), "grads": (g_img[r], g_txt[r], g_scale[r], g_bias[r])}
         for r in range(world)
     ]
+
+
+def _labelled_rank_loss(loss_name, r, world, images, texts, scale, bias, gathered, labels_per_rank, all_labels,
+                        local_loss):
+    """Rank ``r``'s labelled loss in :func:`simulate_ranks`, with the same gradient routing as the
+    unlabelled one (``gathered``)."""
+    if loss_name == "siglip":
+        return siglip_loss_labelled(images[r], torch.cat(texts), scale, bias, labels_per_rank[r], all_labels)
+    if world == 1:
+        return clip_loss_labelled(images[0], texts[0], images[0], texts[0], scale, bias, all_labels, all_labels)
+    if local_loss:
+        return clip_loss_labelled(images[r], texts[r], gathered(images, r), gathered(texts, r), scale, bias,
+                                  labels_per_rank[r], all_labels)
+    all_images, all_texts = gathered(images, r), gathered(texts, r)
+    return clip_loss_labelled(all_images, all_texts, all_images, all_texts, scale, bias, all_labels, all_labels)

@@ -119,7 +119,7 @@ def test_opcheck_tile_ops_and_loss_ops():
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
     i, t, s2, b2 = _inputs(6, 4, dtype=torch.float32)
     for op in (torch.ops.mmfast.clip_loss_fwd.default, torch.ops.mmfast.siglip_loss_fwd.default):
-        args = (i.requires_grad_(), t.requires_grad_(), s2.requires_grad_(), b2.requires_grad_(), "cpp")
+        args = (i.requires_grad_(), t.requires_grad_(), s2.requires_grad_(), b2.requires_grad_(), None, "cpp")
         torch.library.opcheck(op, args)
 
 
@@ -267,7 +267,7 @@ def test_siglip_fused_forward_gradients_equal_separate_backward(monkeypatch, imp
     got = torch.autograd.grad(loss * 3.7, leaves)
     # the separate backward: forward op, then backward op with the upstream gradient inside
     sep = [x.clone().requires_grad_() for x in leaves]
-    loss2 = cl.siglip_loss_fwd(sep[0], sep[1], sep[2], sep[3] if with_bias else None, impl)
+    loss2 = cl.siglip_loss_fwd(sep[0], sep[1], sep[2], sep[3] if with_bias else None, None, impl)
     assert torch.equal(loss.detach(), loss2.detach())
     want = torch.autograd.grad(loss2 * 3.7, sep)
     for x, y in zip(got, want):
@@ -288,5 +288,5 @@ def test_siglip_fused_forward_gradient_dtypes_and_opcheck():
     assert loss.dtype == torch.float32
     grads = torch.autograd.grad(loss, leaves)
     assert [g.dtype for g in grads] == [torch.bfloat16, torch.bfloat16, torch.float32, torch.float32]
-    args = (i, t, s.detach(), b.detach(), "cpp" if _ext.has_cpp() else "reference")
+    args = (i, t, s.detach(), b.detach(), None, "cpp" if _ext.has_cpp() else "reference")
     torch.library.opcheck(cl.siglip_loss_fwd_grad, args, test_utils=("test_schema", "test_faketensor"))

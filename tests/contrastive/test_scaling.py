@@ -238,9 +238,9 @@ def test_mmfast_sends_half_of_open_clip(w, b, d):
     assert _oc(w, b, d).sent_bytes == 4 * (w - 1) * b * d * es
     for g in (1, min(8, w), w):
         mm = _mm(w, b, d, g)
-        # header (7 fp64) + the grad scalar (fp32) + one statistics all-reduce of 2N + 3 fp64
+        # header (8 fp64) + the grad scalar (fp32) + one statistics all-reduce of 2N + 3 fp64
         stats = 2 * (w - 1) * (2 * w * b + 3) * 8 // w
-        assert mm.sent_bytes == 2 * (w - 1) * b * d * es + (w - 1) * (56 + 4) + stats
+        assert mm.sent_bytes == 2 * (w - 1) * b * d * es + (w - 1) * (64 + 4) + stats
         # gloo: the reduce-scatters are all-to-alls, with the same bytes
         gloo = _mm(w, b, d, g, backend="gloo")
         assert gloo.sent_bytes == mm.sent_bytes
@@ -258,7 +258,7 @@ def test_ring_sends_texts_twice_and_gradient_sums_once(w, b, d):
             ring = _mm(w, b, d, g, exchange="ring", backend=backend)
             # header + grad scalar + statistics all-reduce (2N + 4 fp64: the forward's failure flag rides
             # along) + the backward's failure flag (1 fp64)
-            small = (w - 1) * (56 + 4) + 2 * (w - 1) * (2 * w * b + 4) * 8 // w + 2 * (w - 1) * 8 // w
+            small = (w - 1) * (64 + 4) + 2 * (w - 1) * (2 * w * b + 4) * 8 // w + 2 * (w - 1) * 8 // w
             assert ring.sent_bytes == 2 * (w - 1) * b * d * es + (w - 1) * b * d * acc + small, (g, backend)
             k = w // g
             ops = ring.by_op()

@@ -10,7 +10,7 @@ What is predicted, per rank and per step (loss forward + backward, the features 
   the code:
 
   - ``mmfast`` (:mod:`mmfast.distributed.contrastive`, ``group_size`` g, ``K = W // g`` groups),
-    both exchanges start with the header: one world ``all_gather_into_tensor`` of 7 fp64 a rank.
+    both exchanges start with the header: one world ``all_gather_into_tensor`` of 8 fp64 a rank.
     Reduce-scatters (:func:`mmfast.distributed.comm.reduce_scatter`) are ``reduce_scatter_tensor``
     on NCCL and ``all_to_all_single`` of the same input (plus a local sum) on gloo.
 

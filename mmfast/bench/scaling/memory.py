@@ -149,8 +149,8 @@ class _Kernels:
 
 
 def _header_memory(h: _Heap, prob: Problem) -> None:
-    """The header exchange: the image rows' norms, the 7 fields, the gathered table and its integer views."""
-    h.tmp(prob.batch * prob.es + 64 + prob.world * (56 + 40))
+    """The header exchange: the image rows' norms, the 8 fields, the gathered table and its integer views."""
+    h.tmp(prob.batch * prob.es + 64 + prob.world * (64 + 48))
 
 
 def _clip_weight_memory(h: _Heap, prob: Problem, local_loss: bool, gather_with_grad: bool) -> None:

@@ -121,7 +121,7 @@ def predict_mmfast(
     def coll(op: str, fam: tuple[str, int, int], payload: int, phase: str) -> list[Collective]:
         return [bld.ring(op, fam[0], g, payload, dt, phase)] if fam[1] > 1 else []
 
-    header = bld.ring("all_gather_into_tensor", "world", g, 8 * 7, "float64", "forward", "header")
+    header = bld.ring("all_gather_into_tensor", "world", g, 8 * 8, "float64", "forward", "header")
     fwd = [Stage("header exchange", [header]),
            Stage(f"{first[0]} all-gather", coll("all_gather_into_tensor", first, first[2], "forward")),
            Stage(f"{second[0]} all-gather | own tiles", coll("all_gather_into_tensor", second, second[2], "forward"),
@@ -183,7 +183,7 @@ def predict_mmfast_ring(
 ) -> Prediction:
     """mmfast's ``ring`` exchange (:mod:`mmfast.distributed.ring`) with ``group_size`` g, K = W/g groups.
 
-    Collectives as the code issues them: the header (7 fp64 a rank, world all-gather). Forward, per
+    Collectives as the code issues them: the header (8 fp64 a rank, world all-gather). Forward, per
     step: one group ``batch_isend_irecv`` (g > 1: the ring piece, ``B*D``, to each other member)
     and K-1 column ring steps (one ``B*D`` isend + one irecv, feature dtype); CLIP one world
     all-reduce of ``2N + 4`` fp64 (column statistics, 3 loss terms, a failure flag), SigLIP one of
@@ -215,7 +215,7 @@ def predict_mmfast_ring(
     # for the bound; backward: the partials' and sums' adds)
     c_fwd = tile_fwd(rates, b, rows, d) + (rows * d * es if clip else 0) / rates.mem_bw
     c_bwd = tile_bwd(rates, b, rows, d) + 2 * acc / rates.mem_bw
-    stages = [Stage("header exchange", [bld.ring("all_gather_into_tensor", "world", g, 8 * 7, "float64", "forward",
+    stages = [Stage("header exchange", [bld.ring("all_gather_into_tensor", "world", g, 8 * 8, "float64", "forward",
                                                  "header")])]
     for phase in ("forward", "backward"):
         bwd = phase == "backward"

@@ -1,0 +1,197 @@
+"""The labelled losses (``labels=``) across real gloo processes, against the in-process simulation
+of the dense labelled loss on every rank (mmfast.reference.contrastive.simulate_ranks with
+``labels_per_rank``): every ClipLoss flag combination, SigLIP, both exchange schemes with every group
+size, unequal batches, labels shared across ranks and labels held by one rank only, the ring's column
+chunks; and bad labels raising on every rank."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from mmfast.reference.contrastive import simulate_ranks
+from mmfast.testing import run_distributed
+
+pytestmark = pytest.mark.distributed
+
+
+def _features(sizes, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for b in sizes:
+        i = torch.nn.functional.normalize(torch.randn(b, d, generator=g, dtype=torch.float64), dim=-1)
+        t = torch.nn.functional.normalize(torch.randn(b, d, generator=g, dtype=torch.float64), dim=-1)
+        out.append((i, t))
+    return out
+
+
+def _labels(sizes, classes, seed):
+    """Labels from ``classes`` values (so most are shared across ranks), plus one label only the last
+    rank holds (twice where it can) and one every rank holds."""
+    g = torch.Generator().manual_seed(seed + 1)
+    out = [torch.randint(0, classes, (b,), generator=g) for b in sizes]
+    out[-1][0] = 10_000
+    if sizes[-1] > 1:
+        out[-1][-1] = 10_000
+    for lab in out:
+        lab[lab.shape[0] // 2] = -7  # negative values are labels too
+    return out
+
+
+def _grads(loss_fn, image, text, scale, bias, labels):
+    leaves = [image.clone().requires_grad_(), text.clone().requires_grad_(), scale.clone().requires_grad_(),
+              bias.clone().requires_grad_()]
+    loss = loss_fn(*leaves, labels=labels)
+    return loss.detach(), [g.detach() for g in torch.autograd.grad(loss, leaves)]
+
+
+def _schemes(world):
+    gs = [g for g in range(1, world + 1) if world % g == 0]
+    return [(g, "gather") for g in gs] + [(g, "ring") for g in gs if g < world]
+
+
+def _max_rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-2)).item()
+
+
+def _labelled(rank, world, sizes, d, classes):
+    import mmfast
+
+    image, text = _features(sizes, d, seed=3)[rank]
+    labels = _labels(sizes, classes, seed=3)[rank]
+    scale, bias = torch.tensor(20.0, dtype=torch.float64), torch.tensor(-5.0, dtype=torch.float64)
+    out = {}
+    for gs, exchange in _schemes(world):
+        for local_loss, gwg in itertools.product([False, True], repeat=2):
+            fn = mmfast.ClipLoss(local_loss=local_loss, gather_with_grad=gwg, rank=rank, world_size=world,
+                                 group_size=gs, exchange=exchange)
+            out[("clip", gs, exchange, local_loss, gwg)] = _grads(fn, image, text, scale, bias, labels)
+        fn = mmfast.SigLipLoss(rank=rank, world_size=world, group_size=gs, exchange=exchange)
+        out[("siglip", gs, exchange)] = _grads(fn, image, text, scale, bias, labels)
+    return out
+
+
+def _check_against_simulation(results, sizes, d, classes, seed=3):
+    feats = _features(sizes, d, seed=seed)
+    labels = _labels(sizes, classes, seed=seed)
+    scale, bias = torch.tensor(20.0, dtype=torch.float64), torch.tensor(-5.0, dtype=torch.float64)
+    sims = {}
+    for key in results[0]:
+        flags = dict(local_loss=key[3], gather_with_grad=key[4]) if key[0] == "clip" else {}
+        sim_key = (key[0], *key[3:])
+        if sim_key not in sims:
+            sims[sim_key] = simulate_ranks(key[0], feats, scale, bias, labels_per_rank=labels, **flags)
+        for rank in range(len(sizes)):
+            loss, grads = results[rank][key]
+            exp = sims[sim_key][rank]
+            assert _max_rel(loss, exp["loss"]) < 1e-10, (key, rank)
+            for name, got, want in zip(("image", "text", "scale"), grads, exp["grads"]):
+                assert _max_rel(got, want) < 1e-10, (key, rank, name)
+            if key[0] == "siglip":
+                assert _max_rel(grads[3], exp["grads"][3]) < 1e-10, (key, rank, "bias")
+            else:
+                assert grads[3].abs().item() == 0.0
+
+
+@pytest.mark.parametrize("sizes,classes", [([3, 5], 3), ([4, 1, 6, 2], 4), ([2, 3, 1, 4], 50)])
+def test_labelled_matches_simulation_every_flag_and_scheme(sizes, classes):
+    results = run_distributed(_labelled, len(sizes), sizes, 16, classes, timeout=300)
+    _check_against_simulation(results, sizes, 16, classes)
+
+
+def _ring_w8_labelled(rank, world, sizes, chunk_rows):
+    import mmfast
+    from mmfast.distributed import ring
+
+    ring.CHUNK_ROWS, ring.CHUNK_BYTES = chunk_rows, 1  # this process only: chunks of ``chunk_rows`` rows
+    image, text = _features(sizes, 12, seed=5)[rank]
+    labels = _labels(sizes, 5, seed=5)[rank]
+    scale, bias = torch.tensor(20.0, dtype=torch.float64), torch.tensor(-5.0, dtype=torch.float64)
+    out = {}
+    for gs in (1, 2, 4):
+        for local_loss, gwg in ((True, True), (False, False)):
+            fn = mmfast.ClipLoss(local_loss=local_loss, gather_with_grad=gwg, rank=rank, world_size=world,
+                                 group_size=gs, exchange="ring")
+            out[("clip", gs, "ring", local_loss, gwg)] = _grads(fn, image, text, scale, bias, labels)
+        fn = mmfast.SigLipLoss(rank=rank, world_size=world, group_size=gs, exchange="ring")
+        out[("siglip", gs, "ring")] = _grads(fn, image, text, scale, bias, labels)
+    return out
+
+
+@pytest.mark.parametrize("sizes,chunk_rows", [
+    ([2, 1, 3, 2, 1, 1, 4, 2], 1),  # four chunks of one row: most ranks have empty chunks
+    ([7, 1, 3, 5, 2, 6, 4, 7], 2),  # three chunks of three rows: the last one padded on every rank
+])
+def test_labelled_ring_eight_ranks_column_chunks_match_simulation(sizes, chunk_rows):
+    results = run_distributed(_ring_w8_labelled, len(sizes), sizes, chunk_rows, timeout=300)
+    _check_against_simulation(results, sizes, 12, 5, seed=5)
+
+
+def _distinct(rank, world):
+    import mmfast
+
+    sizes = [5, 3, 4]
+    image, text = _features(sizes, 8, seed=9)[rank]
+    labels = torch.arange(sum(sizes))[sum(sizes[:rank]):sum(sizes[:rank + 1])] * 3 - 4
+    scale, bias = torch.tensor(10.0, dtype=torch.float64), torch.tensor(-2.0, dtype=torch.float64)
+    worst = 0.0
+    for exchange in ("gather", "ring"):
+        for local_loss, gwg in itertools.product([False, True], repeat=2):
+            fn = mmfast.ClipLoss(local_loss=local_loss, gather_with_grad=gwg, rank=rank, world_size=world,
+                                 group_size=1, exchange=exchange)
+            a, b = _grads(fn, image, text, scale, bias, labels), _grads(fn, image, text, scale, bias, None)
+            worst = max([worst, _max_rel(a[0], b[0])] + [_max_rel(x, y) for x, y in zip(a[1][:3], b[1][:3])])
+        fn = mmfast.SigLipLoss(rank=rank, world_size=world, group_size=1, exchange=exchange)
+        a, b = _grads(fn, image, text, scale, bias, labels), _grads(fn, image, text, scale, bias, None)
+        worst = max([worst, _max_rel(a[0], b[0])] + [_max_rel(x, y) for x, y in zip(a[1], b[1])])
+    return worst
+
+
+def test_distinct_labels_give_the_plain_distributed_loss():
+    for rank, worst in enumerate(run_distributed(_distinct, 3, timeout=120)):
+        assert worst < 1e-12, (rank, worst)
+
+
+def _message(call) -> str:
+    try:
+        call()
+    except (ValueError, TypeError) as exc:
+        return str(exc)
+    return "no error"
+
+
+def _labels_on_some_ranks(rank, world, exchange):
+    import mmfast
+
+    image, text = torch.randn(3, 8), torch.randn(3, 8)
+    labels = torch.arange(3) if rank != 1 else None
+    return _message(lambda: mmfast.ClipLoss(rank=rank, world_size=world, group_size=1, exchange=exchange)(
+        image, text, torch.tensor(10.0), labels=labels))
+
+
+@pytest.mark.parametrize("exchange", ["gather", "ring"])
+def test_labels_on_some_ranks_only_raise_everywhere(exchange):
+    msgs = run_distributed(_labels_on_some_ranks, 3, exchange, timeout=120)
+    assert all("labels were passed on rank(s) [0, 2] and not on rank(s) [1]" in m for m in msgs), msgs
+
+
+def _bad_labels_on_one_rank(rank, world, kind):
+    import mmfast
+
+    image, text = torch.randn(4, 8), torch.randn(4, 8)
+    labels = torch.arange(4)
+    if rank == 2:
+        labels = {"dtype": labels.float(), "shape": labels[:3], "list": [0, 1, 2, 3]}[kind]
+    return _message(lambda: mmfast.SigLipLoss(rank=rank, world_size=world)(
+        image, text, torch.tensor(10.0), torch.tensor(-1.0), labels=labels))
+
+
+@pytest.mark.parametrize("kind,expect", [("dtype", "labels must be int64, got torch.float32"),
+                                         ("shape", "labels must have shape (4,)"),
+                                         ("list", "labels must be None or an int64 torch.Tensor, got list")])
+def test_bad_labels_on_one_rank_raise_everywhere_without_hanging(kind, expect):
+    msgs = run_distributed(_bad_labels_on_one_rank, 3, kind, timeout=120)
+    assert expect in msgs[2], msgs
+    assert all("bad contrastive-loss input on rank(s) [2]" in m for m in msgs[:2]), msgs

@@ -4,6 +4,8 @@
   high-precision reference must be at most ``factor`` (2) times the error of plain PyTorch in the
   same low precision against that same reference, plus a tiny absolute floor that only matters when
   the plain-PyTorch error is exactly zero (fp32 ops that are exact in both).
+* :func:`max_rel_err` and :func:`assert_matches_rank` compare one rank's loss and gradients with
+  :func:`mmfast.reference.contrastive.simulate_ranks`'s for that rank.
 * :func:`run_distributed` runs a function in ``world_size`` real gloo processes on 127.0.0.1 with a
   timeout, and re-raises every rank's exception with its traceback. A hang fails; a bad exit code
   fails even when the results were already sent back.
@@ -22,11 +24,32 @@ from typing import Any
 
 import torch
 
-__all__ = ["assert_accuracy", "max_abs_err", "run_distributed", "free_port"]
+__all__ = ["assert_accuracy", "assert_matches_rank", "max_abs_err", "max_rel_err", "run_distributed", "free_port"]
 
 
 def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.detach().double() - b.detach().double()).abs().max().item() if a.numel() else 0.0
+
+
+def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``max |a - b|`` over the larger of ``max |b|`` and 0.01: near-zero gradients are differences
+    of O(scale) terms, so their absolute rounding error is O(scale * eps), not O(|grad| * eps)."""
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-2)).item()
+
+
+def assert_matches_rank(got: tuple, want: dict, what, tol: float = 1e-10, zero_bias_grad: bool = False) -> None:
+    """``got = (loss, [d_image, d_text, d_scale, d_bias])`` of one rank against ``want``, that rank's
+    :func:`~mmfast.reference.contrastive.simulate_ranks` entry, each within ``tol`` (:func:`max_rel_err`).
+    ``zero_bias_grad``: the bias gradient must be exactly 0 (CLIP: a constant logit shift cancels;
+    the simulation's is rounding noise). ``what`` names the case in the message."""
+    loss, grads = got
+    assert max_rel_err(loss, want["loss"]) < tol, (what, "loss")
+    for name, g, w in zip(("image", "text", "scale"), grads, want["grads"]):
+        assert max_rel_err(g, w) < tol, (what, name)
+    if zero_bias_grad:
+        assert grads[3].abs().item() == 0.0, (what, "bias")
+    elif len(grads) > 3 and want["grads"][3] is not None:
+        assert max_rel_err(grads[3], want["grads"][3]) < tol, (what, "bias")
 
 
 def assert_accuracy(

@@ -65,13 +65,18 @@ def step_wire_bytes(step: Callable[[], Any], repeats: int = 5, iface: str = "lo"
 def scheme_step(scheme: str, rank: int, world: int, b: int, d: int) -> Callable[[], Any]:
     """One forward + backward (features and scale) of ``scheme`` on this rank's seeded fp32 features:
     ``open_clip`` (``ClipLoss(local_loss=True, gather_with_grad=True)``), ``gather:G`` or ``ring:G``
-    (``mmfast.ClipLoss`` with those flags, ``exchange`` and ``group_size=G``)."""
+    (``mmfast.ClipLoss`` with those flags, ``exchange`` and ``group_size=G``); ``+labels`` after
+    either: with ``labels=`` (64 label values)."""
     import torch
 
     gen = torch.Generator().manual_seed(100 + rank)
     img = torch.nn.functional.normalize(torch.randn(b, d, generator=gen), dim=-1).requires_grad_()
     txt = torch.nn.functional.normalize(torch.randn(b, d, generator=gen), dim=-1).requires_grad_()
     scale = torch.tensor(10.0, requires_grad=True)
+    labels = None
+    if scheme.endswith("+labels"):
+        scheme = scheme[: -len("+labels")]
+        labels = torch.randint(0, 64, (b,), generator=gen)
     if scheme == "open_clip":
         from open_clip.loss import ClipLoss
 
@@ -84,7 +89,8 @@ def scheme_step(scheme: str, rank: int, world: int, b: int, d: int) -> Callable[
                              group_size=int(g), exchange=exchange)
 
     def step() -> None:
-        torch.autograd.grad(fn(img, txt, scale), [img, txt, scale])
+        loss = fn(img, txt, scale) if labels is None else fn(img, txt, scale, labels=labels)
+        torch.autograd.grad(loss, [img, txt, scale])
 
     return step
 
@@ -111,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--schemes", default="open_clip,gather:4,ring:2,ring:1",
-                        help="open_clip, gather:G, ring:G (G = group_size)")
+                        help="open_clip, gather:G, ring:G (G = group_size), each mmfast one with +labels")
     parser.add_argument("--out", default="benchmarks/results")
     opts = parser.parse_args(argv)
     from mmfast.bench.report import cpu_model, write_csv

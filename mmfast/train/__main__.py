@@ -20,6 +20,13 @@ Data:
       open_clip's CSV format, image paths relative to the CSV's folder;
     * ``--train-data DIR``: images with same-named ``.txt`` captions.
     The held-out split is ``--val-data`` or ``--val-fraction`` of the training data.
+    ``--synthetic-two-group-prob 0`` makes every procedural scene one group: 180 distinct captions,
+    so a batch holds many identical ones.
+
+Labels (``--labels``): ``caption`` makes identical captions of the global batch positives of each
+other (not negatives), ``class`` the procedural scenes of one shape and colour class (of the first
+group); the loss is then the labelled ``ClipLoss`` / ``SigLipLoss`` (``labels=``). docs/labels.md has
+an experiment.
 
 Output (``--out``, default ``runs/<timestamp>``): ``config.json``, ``tokenizer.json``,
 ``metrics.jsonl`` (a ``train`` line per ``--log-every`` steps, an ``eval`` line per evaluation with

@@ -51,8 +51,8 @@ def compare(cfg: TrainConfig, env: DistEnv | None = None) -> dict:
             times, losses = [], []
             for step in range(cfg.steps):
                 t0 = time.perf_counter()
-                images, tokens = load_batch(run, step)
-                loss = compute_loss(run, images, tokens)
+                images, tokens, labels = load_batch(run, step)
+                loss = compute_loss(run, images, tokens, labels)
                 mean_loss, _ = reduce_stats(run, loss, False)
                 optimizer_step(run, loss)
                 if env.device.type == "cuda":

@@ -28,6 +28,7 @@ class TrainConfig:
     val_fraction: float = 0.1
     synthetic_train: int = 8192
     synthetic_val: int = 500
+    synthetic_two_group_prob: float = 0.8
     vocab_size: int = 8192
     context_length: int = 0
     # image tower
@@ -49,6 +50,7 @@ class TrainConfig:
     embed_dim: int = 128
     # loss and optimisation
     loss: str = "clip"
+    labels: str = "none"
     group_size: int | None = None
     steps: int = 120
     batch_size: int = 64
@@ -130,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--synthetic-train", type=int, default=d.synthetic_train, help="procedural training scenes")
     g.add_argument("--synthetic-val", type=int, default=d.synthetic_val,
                    help="procedural held-out scenes (distinct captions)")
+    g.add_argument("--synthetic-two-group-prob", type=float, default=d.synthetic_two_group_prob,
+                   help="share of procedural scenes with two groups; 0: one group each, 180 distinct captions "
+                        "(many duplicates in a batch)")
     g.add_argument("--vocab-size", type=int, default=d.vocab_size, help="most frequent training words kept")
     g.add_argument("--context-length", type=int, default=d.context_length,
                    help="text tokens; 0: the longest training caption, at most 77")
@@ -155,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("loss and optimisation")
     g.add_argument("--loss", choices=("clip", "siglip"), default=d.loss,
                    help="mmfast.ClipLoss or mmfast.SigLipLoss (open_clip's with --baseline)")
+    g.add_argument("--labels", choices=("none", "caption", "class"), default=d.labels,
+                   help="contrastive labels: none (each pair its own positive), caption (identical captions in "
+                        "the global batch are positives of each other), class (the procedural scenes' shape and "
+                        "colour class)")
     g.add_argument("--group-size", type=int, default=d.group_size,
                    help="ranks per all-gather group of the distributed loss (default: ranks per node)")
     g.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
@@ -275,6 +284,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         _check(cfg.synthetic_train >= cfg.batch_size,
                f"--synthetic-train {cfg.synthetic_train} is smaller than --batch-size {cfg.batch_size}")
         _check(cfg.synthetic_val >= 2, f"--synthetic-val must be >= 2, got {cfg.synthetic_val}")
+        _check(0.0 <= cfg.synthetic_two_group_prob <= 1.0,
+               f"--synthetic-two-group-prob must be in [0, 1], got {cfg.synthetic_two_group_prob}")
     else:
         _check(os.path.exists(cfg.train_data), f"--train-data {cfg.train_data}: no such file or folder")
         if cfg.val_data is None:
@@ -287,6 +298,11 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
            f"--device must be auto, cpu or cuda, got {cfg.device!r}")
     _check(cfg.progress in ("auto", "bar", "lines", "none"), f"bad --progress {cfg.progress!r}")
     _check(not (cfg.compare and cfg.resume), "--compare cannot be combined with --resume")
+    _check(cfg.labels in ("none", "caption", "class"), f"--labels must be none, caption or class, got {cfg.labels!r}")
+    _check(cfg.labels == "none" or not (cfg.baseline or cfg.compare),
+           f"--labels {cfg.labels}: the baseline (open_clip's loss) takes no labels; drop --baseline / --compare")
+    _check(cfg.labels != "class" or cfg.train_data is None,
+           "--labels class needs the procedural dataset (image-text files carry no classes): use --labels caption")
     _check(not (cfg.resume == "auto" and cfg.out is None), "--resume auto needs --out (the run folder to look in)")
     if cfg.resume not in (None, "auto"):
         _check(os.path.exists(cfg.resume), f"--resume {cfg.resume}: no such checkpoint file or run folder")

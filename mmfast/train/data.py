@@ -179,7 +179,9 @@ class ShapesDataset:
         cell_radius[scene, c] = radius[scene, group, k]
         cell_rgb[scene, c] = rgb[scene, group, k]
         attrs = {"shape": cell_shape, "center": cell_center, "radius": cell_radius, "rgb": cell_rgb,
-                 "background": np.clip(background, 0, 1).astype(np.float32)}
+                 "background": np.clip(background, 0, 1).astype(np.float32),
+                 # the scene's class: the (shape, colour) of its first group
+                 "class": (shape[:, 0] * len(COLOURS) + colour[:, 0]).astype(np.int64)}
         captions = []
         for i in range(n):
             first = _group_phrase(count[i, 0], size[i, 0], colour[i, 0], shape[i, 0])
@@ -219,6 +221,10 @@ class ShapesDataset:
         """Normalised images and captions of ``indices``."""
         idx = torch.as_tensor(indices, dtype=torch.long)
         return _normalise(self.render(idx)), [self.captions[i] for i in idx.tolist()]
+
+    def classes(self, indices: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """The class of each scene, int64: its first group's (shape, colour), one of 30."""
+        return self._attrs["class"][torch.as_tensor(indices, dtype=torch.long)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -359,6 +365,35 @@ def load_path(path: str | Path, image_size: int, img_key: str, caption_key: str,
     if not p.exists():
         raise DataError(f"{p}: no such file or folder")
     return load_csv(p, image_size, img_key, caption_key, separator)
+
+
+LABEL_KINDS = ("none", "caption", "class")
+
+
+def batch_labels(ds, indices: torch.Tensor | Sequence[int], kind: str) -> torch.Tensor | None:
+    """The contrastive labels of samples ``indices`` (the trainer's ``--labels``), int64, or None:
+
+    * ``none``: None (each sample's only positive is its own caption);
+    * ``caption``: samples with identical captions share a label (the caption's first index in the
+      dataset, so every rank and every step agree);
+    * ``class``: the procedural dataset's scene class (:meth:`ShapesDataset.classes`).
+    """
+    if kind == "none":
+        return None
+    idx = torch.as_tensor(indices, dtype=torch.long)
+    if kind == "class":
+        if not hasattr(ds, "classes"):
+            raise DataError("--labels class needs the procedural dataset (its scenes' shape and colour classes); "
+                            "image-text files carry no classes: use --labels caption")
+        return ds.classes(idx)
+    if kind != "caption":
+        raise ValueError(f"labels kind must be one of {LABEL_KINDS}, got {kind!r}")
+    ids = getattr(ds, "_caption_ids", None)
+    if ids is None:
+        first: dict[str, int] = {}
+        ids = torch.tensor([first.setdefault(c, i) for i, c in enumerate(ds.captions)], dtype=torch.long)
+        ds._caption_ids = ids
+    return ids[idx]
 
 
 def split_train_val(ds: ImageTextFiles, fraction: float, seed: int) -> tuple[ImageTextFiles, ImageTextFiles]:

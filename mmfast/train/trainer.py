@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from mmfast.train import checkpoint as ckpt_io
 from mmfast.train.config import RESUME_MUTABLE, ConfigError, TrainConfig, validate
-from mmfast.train.data import EpochSampler, ShapesDataset, load_path, split_train_val
+from mmfast.train.data import EpochSampler, ShapesDataset, batch_labels, load_path, split_train_val
 from mmfast.train.distenv import DistEnv, init_distributed, pick_threads
 from mmfast.train.evaluate import encode_dataset, format_retrieval, retrieval_metrics
 from mmfast.train.model import FUSED_OPS, REFERENCE_OPS, build_model, fused_ops_status
@@ -126,8 +126,9 @@ def merge_resume_config(saved: dict, cli: TrainConfig, given: set[str], path: Pa
 def build_datasets(cfg: TrainConfig):
     """``(train, held_out)`` datasets of ``cfg``."""
     if cfg.train_data is None:
-        return (ShapesDataset(cfg.synthetic_train, cfg.image_size, cfg.seed, "train"),
-                ShapesDataset(cfg.synthetic_val, cfg.image_size, cfg.seed, "val"))
+        p = cfg.synthetic_two_group_prob
+        return (ShapesDataset(cfg.synthetic_train, cfg.image_size, cfg.seed, "train", two_group_prob=p),
+                ShapesDataset(cfg.synthetic_val, cfg.image_size, cfg.seed, "val", two_group_prob=p))
     train = load_path(cfg.train_data, cfg.image_size, cfg.csv_img_key, cfg.csv_caption_key, cfg.csv_separator)
     if cfg.val_data is not None:
         val = load_path(cfg.val_data, cfg.image_size, cfg.csv_img_key, cfg.csv_caption_key, cfg.csv_separator)
@@ -209,18 +210,25 @@ def build_run(cfg: TrainConfig, env: DistEnv, train_ds, val_ds, tokenizer: Token
                scheduler, sampler)
 
 
-def load_batch(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's images and tokens of ``step``, on the device."""
+def load_batch(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """This rank's images, tokens and labels (``--labels``; None for ``none``) of ``step``, on the device."""
     idx = run.sampler.shard(step, run.env.rank, run.env.world_size)
     images, captions = run.train_ds.batch(idx)
     tokens = run.tokenizer(captions, run.cfg.context_length)
-    return images.to(run.env.device, non_blocking=True), tokens.to(run.env.device, non_blocking=True)
+    labels = batch_labels(run.train_ds, idx, run.cfg.labels)
+    dev = run.env.device
+    return (images.to(dev, non_blocking=True), tokens.to(dev, non_blocking=True),
+            None if labels is None else labels.to(dev, non_blocking=True))
 
 
-def compute_loss(run: Run, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+def compute_loss(run: Run, images: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor | None = None
+                 ) -> torch.Tensor:
     """Forward of both towers and the contrastive loss (this rank's value)."""
     image_features, text_features, scale, bias = run.ddp(images, tokens)
-    loss = run.loss_fn(image_features, text_features, scale, bias)
+    if labels is None:
+        loss = run.loss_fn(image_features, text_features, scale, bias)
+    else:
+        loss = run.loss_fn(image_features, text_features, scale, bias, labels=labels)
     return loss["contrastive_loss"] if isinstance(loss, dict) else loss
 
 
@@ -252,10 +260,10 @@ def measure_step_memory(run: Run) -> dict:
     ``mmfast.bench.memory.peak_extra_memory`` (CPU profiler / CUDA allocator) when available, plus
     the process's max RSS from ``getrusage``. Collective: every rank must call it.
     """
-    images, tokens = load_batch(run, 0)
+    images, tokens, labels = load_batch(run, 0)
 
     def fwd_bwd():
-        compute_loss(run, images, tokens).backward()
+        compute_loss(run, images, tokens, labels).backward()
 
     out: dict = {}
     try:
@@ -452,9 +460,9 @@ def train(cfg: TrainConfig, given: set[str] | None = None, env: DistEnv | None =
         first = True
         while step < cfg.steps:
             t0 = time.perf_counter()
-            images, tokens = load_batch(run, step)
+            images, tokens, labels = load_batch(run, step)
             lr = run.optimizer.param_groups[0]["lr"]
-            loss = compute_loss(run, images, tokens)
+            loss = compute_loss(run, images, tokens, labels)
             mean_loss, stop_now = reduce_stats(run, loss, stop.signum is not None)
             if not math.isfinite(mean_loss):
                 raise Diverged(f"the loss is {mean_loss} at step {step + 1} (lr {lr:.3g}); training stopped "

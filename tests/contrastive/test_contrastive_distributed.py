@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mmfast.reference.contrastive import simulate_ranks
-from mmfast.testing import run_distributed
+from mmfast.testing import assert_matches_rank, max_rel_err, run_distributed
 
 pytestmark = pytest.mark.distributed
 
@@ -38,10 +38,6 @@ def _grads(loss_fn, image, text, scale, bias):
     return loss.detach(), [g.detach() for g in grads]
 
 
-def _max_rel(a, b):
-    # relative to the larger of the reference magnitude and 0.01: near-zero gradients are differences
-    # of O(scale) terms, so their absolute rounding error is O(scale * eps), not O(|grad| * eps)
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-2)).item()
 
 
 def _schemes(world):
@@ -70,7 +66,7 @@ def _vs_open_clip(rank, world, b, d, scale_v, with_bias, dtype_name):
             lr, gr = _grads(ref, image, text, scale, bias)
             lo, go = _grads(ours, image, text, scale, bias)
             key = f"clip gs={gs} {exchange} local={local_loss} gwg={gwg}"
-            errs = [_max_rel(lo, lr)] + [_max_rel(x, y) for x, y in zip(go[:3], gr[:3])]
+            errs = [max_rel_err(lo, lr)] + [max_rel_err(x, y) for x, y in zip(go[:3], gr[:3])]
             if with_bias:  # d loss / d bias is 0 exactly; open_clip's is rounding noise
                 errs.append(go[3].abs().item() + gr[3].abs().item() * 0)
             worst[key] = max(errs)
@@ -81,7 +77,7 @@ def _vs_open_clip(rank, world, b, d, scale_v, with_bias, dtype_name):
             sb = bias if bias is not None else torch.tensor(-10.0, dtype=dtype)
             lr, gr = _grads(ref, image, text, scale, sb)
             lo, go = _grads(ours, image, text, scale, sb)
-            errs = [_max_rel(lo, lr)] + [_max_rel(x, y) for x, y in zip(go, gr)]
+            errs = [max_rel_err(lo, lr)] + [max_rel_err(x, y) for x, y in zip(go, gr)]
             worst[f"siglip gs={gs} {exchange} {impl_name}"] = max(errs)
     return worst
 
@@ -140,15 +136,7 @@ def test_unequal_batches_match_simulation(sizes):
         else:
             sim = simulate_ranks("siglip", feats, scale, bias)
         for rank in range(world):
-            loss, grads = results[rank][key]
-            exp = sim[rank]
-            assert _max_rel(loss, exp["loss"]) < 1e-10, (key, rank)
-            for name, got, want in zip(("image", "text", "scale"), grads, exp["grads"]):
-                assert _max_rel(got, want) < 1e-10, (key, rank, name)
-            if key[0] == "siglip":
-                assert _max_rel(grads[3], exp["grads"][3]) < 1e-10, (key, rank, "bias")
-            else:
-                assert grads[3].abs().item() == 0.0
+            assert_matches_rank(results[rank][key], sim[rank], (key, rank), zero_bias_grad=key[0] == "clip")
 
 
 def _message(call, errors=(ValueError,)) -> str:
@@ -224,9 +212,9 @@ def test_ring_eight_ranks_unequal_batches_match_simulation(sizes, chunk_rows, mo
         for rank, res in enumerate(results):
             loss, grads = res[key]
             exp = sims[key[0]][rank]
-            assert _max_rel(loss, exp["loss"]) < 1e-10, (key, rank)
+            assert max_rel_err(loss, exp["loss"]) < 1e-10, (key, rank)
             for got, want in zip(grads[:3], exp["grads"][:3]):
-                assert _max_rel(got, want) < 1e-10, (key, rank)
+                assert max_rel_err(got, want) < 1e-10, (key, rank)
 
 
 def _low_precision(rank, world, dtype_name):
@@ -294,9 +282,9 @@ def test_auto_takes_the_ring_when_the_gather_exceeds_the_budget():
     results = run_distributed(_auto_picks_ring_under_a_small_budget, 4, timeout=120)
     for calls, values in results:
         assert calls == {"ring": 1, "gather": 1}
-        assert _max_rel(values[0][0], values[None][0]) < 1e-12
+        assert max_rel_err(values[0][0], values[None][0]) < 1e-12
         for a, b in zip(values[0][1], values[None][1]):
-            assert _max_rel(a, b) < 1e-12
+            assert max_rel_err(a, b) < 1e-12
 
 
 def test_pick_exchange_rules():
@@ -364,7 +352,7 @@ def test_unequal_dim_raises_everywhere(exchange):
     assert all("embedding size D differs across ranks: [6, 8, 8]" in m for m in msgs), msgs
 
 
-def _fails_mid_ring(rank, world, loss, phase, failing_rank, chunk_rows):
+def _fails_mid_ring(rank, world, loss, phase, failing_rank, chunk_rows, labelled=False):
     import mmfast
     from mmfast.distributed import ring
     from mmfast.ops import contrastive as tiles
@@ -388,8 +376,9 @@ def _fails_mid_ring(rank, world, loss, phase, failing_rank, chunk_rows):
     fn = (mmfast.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world, group_size=1,
                           exchange="ring") if loss == "clip" else
           mmfast.SigLipLoss(rank=rank, world_size=world, group_size=1, exchange="ring"))
+    labels = torch.tensor([0, 1, 0, 5]) if labelled else None
     try:
-        fn(image, text, torch.tensor(10.0), torch.tensor(-1.0)).backward()
+        fn(image, text, torch.tensor(10.0), torch.tensor(-1.0), labels=labels).backward()
     except RuntimeError as exc:
         return f"{type(exc).__name__}: {exc}"
     finally:
@@ -397,11 +386,12 @@ def _fails_mid_ring(rank, world, loss, phase, failing_rank, chunk_rows):
     return "no error"
 
 
+@pytest.mark.parametrize("labelled", [False, True])
 @pytest.mark.parametrize("chunk_rows", [256, 2])  # one chunk; two (the failure in the first, the second skipped)
 @pytest.mark.parametrize("loss,phase", [("clip", "forward"), ("clip", "backward"), ("siglip", "forward"),
                                         ("siglip", "backward")])
-def test_rank_failing_mid_ring_raises_everywhere_without_hanging(loss, phase, chunk_rows):
-    msgs = run_distributed(_fails_mid_ring, 4, loss, phase, 2, chunk_rows, timeout=120)
+def test_rank_failing_mid_ring_raises_everywhere_without_hanging(loss, phase, chunk_rows, labelled):
+    msgs = run_distributed(_fails_mid_ring, 4, loss, phase, 2, chunk_rows, labelled, timeout=120)
     assert "injected kernel failure" in msgs[2], msgs
     for r in (0, 1, 3):
         assert msgs[r].startswith("RingFailure:") and f"the {phase} pass" in msgs[r] and "1 other rank" in msgs[r], \

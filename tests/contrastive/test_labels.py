@@ -171,3 +171,26 @@ def test_bad_labels(kind, bad, error, match):
     ins, labels = _inputs(10, 4, 3)
     with pytest.raises(error, match=match):
         _ours(kind)(*ins, bad(labels))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_clip_with_identical_duplicate_texts_is_the_plain_loss_siglip_is_not(impl):
+    # duplicate captions through a deterministic text tower give identical text features; then for
+    # CLIP the labelled loss equals the plain one (the duplicates' equal logits make the two targets'
+    # cross-entropies sum to the same per class), and so do the parameter gradients (the duplicates'
+    # text gradients summed); SigLIP's differs (+1 against -1 on the duplicates' pairs)
+    ins, labels = _inputs(40, 8, 6, scale=20.0, bias=-3.0, seed=8)
+    i, t, s, b = ins
+    first = {}
+    rep = torch.tensor([first.setdefault(v, k) for k, v in enumerate(labels.tolist())])
+    t = t[rep]  # every text equal to its class's first one
+    for kind in ("clip", "siglip"):
+        lab = _loss_and_grads(_ours(kind, impl), [i, t, s, b], labels)
+        plain = _loss_and_grads(_ours(kind, impl), [i, t, s, b], None)
+        sum_by_class = [torch.zeros(40, 8, dtype=torch.float64).index_add_(0, rep, g[1][1]) for g in (lab, plain)]
+        if kind == "clip":
+            torch.testing.assert_close(lab[0], plain[0], rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(sum_by_class[0], sum_by_class[1], rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(lab[1][0], plain[1][0], rtol=1e-10, atol=1e-12)  # the images' too
+        else:
+            assert (lab[0] - plain[0]).abs() > 1e-2

@@ -200,9 +200,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, ca
     real_loss = trainer.compute_loss
     calls = []
 
-    def poisoned(run, images, tokens):
+    def poisoned(run, images, tokens, labels=None):
         calls.append(1)
-        loss = real_loss(run, images, tokens)
+        loss = real_loss(run, images, tokens, labels)
         return loss * float("nan") if len(calls) == 5 else loss
 
     monkeypatch.setattr(trainer, "compute_loss", poisoned)

@@ -14,7 +14,8 @@
 #   gpu_tests  MMFAST_GPU_STRICT=1 pytest -m gpu tests/   (a GPU test that skips fails, unless it is
 #              marked optional_dep, e.g. the flash-attn one)
 #   kernels    the Triton and C++ kernel test files on CUDA tensors (on the CPU they run in the
-#              interpreter): tests/*/test_triton_*.py, tests/tome/test_tome_kernels.py, tests/window_attention/test_window_attention_coverage.py
+#              interpreter): tests/*/test_triton_*.py, tests/tome/test_tome_kernels.py, tests/window_attention/test_window_attention_coverage.py,
+#              tests/contrastive/test_labels.py (the labelled losses on the Triton tiles)
 #   contrastive, siglip
 #              python3 -m mmfast.bench <case> --device cuda --out OUTDIR/bench (open_clip comparisons
 #              are left out with a note when open_clip is missing)
@@ -191,7 +192,7 @@ if [ "$DRY" = 1 ]; then
     BENCH_DEV=(--device cpu --quick --sizes 64 --dim 32 --impl "$IMPL")
 fi
 KERNEL_TESTS=(tests/contrastive/test_triton_contrastive.py tests/window_attention/test_triton_window_attention.py tests/tome/test_tome_kernels.py
-    tests/window_attention/test_window_attention_coverage.py)
+    tests/window_attention/test_window_attention_coverage.py tests/contrastive/test_labels.py)
 
 shopt -s nullglob
 WHEELS=("$REPO"/benchmarks/wheels/*.whl)

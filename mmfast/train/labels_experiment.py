@@ -2,7 +2,7 @@
 procedural dataset with many duplicate captions (docs/labels.md).
 
 Every scene is one group of shapes (``--synthetic-two-group-prob 0``), so the training set has at most
-180 distinct captions and about a third of the rows of a 64-sample batch share their caption with
+180 distinct captions and 30% of the rows of a 64-sample batch share their caption with
 another row. Without labels those pairs are negatives of each other; with ``--labels caption`` (or
 ``--kind class``: the scenes' shape and colour class) they are positives. Both arms train the same
 model from the same seed on the same batches; each seed is one run per arm. Writes
@@ -28,13 +28,13 @@ def _evals(run: Path) -> list[dict]:
 
 def run(out: Path, seeds: list[int], steps: int, batch: int, loss: str, kind: str, extra: list[str]) -> dict:
     common = ["--synthetic-two-group-prob", "0", "--synthetic-val", "150", "--steps", str(steps),
-              "--batch-size", str(batch), "--eval-every", str(max(1, steps // 6)), "--loss", loss,
+              "--batch-size", str(batch), "--eval-every", str(max(1, steps // 5)), "--loss", loss,
               "--progress", "lines", "--no-plot", "--no-memory", *extra]
     results: dict = {"cpu": cpu_model(), "args": common, "loss": loss, "kind": kind, "runs": {}}
     arms = {"no labels": [], f"labels={kind}": ["--labels", kind]}
     for arm, flags in arms.items():
         for seed in seeds:
-            folder = out / "runs" / f"{loss}_{arm.replace(' ', '_').replace('=', '-')}_seed{seed}"
+            folder = out / "runs" / f"{loss}_{kind}_{arm.replace(' ', '_').replace('=', '-')}_seed{seed}"
             print(f"== {arm}, seed {seed} -> {folder}", flush=True)
             code = train_main([*common, *flags, "--seed", str(seed), "--out", str(folder)])
             if code != 0:
@@ -81,12 +81,13 @@ def write_outputs(results: dict, out: Path) -> list[Path]:
     chance = next(iter(next(iter(results["runs"].values())).values()))[-1]["chance_r1"] * 100
     for ax, name in zip(axes, ("R@1", "R@5")):
         ax.set_xlabel("step")
-        ax.set_ylabel(f"held-out {name}, mean of image->text and text->image (%)")
+        ax.set_ylabel(f"held-out {name} (%), both directions' mean")
         ax.grid(True, alpha=0.3)
         ax.legend()
     axes[0].axhline(chance, color="grey", ls=":", lw=1)
+    seeds = sorted(next(iter(results["runs"].values())), key=int)
     png = save_figure(fig, out / f"{stem}.png", f"{results['loss']}: duplicates as negatives (no labels) or "
-                      f"positives (labels={results['kind']})")
+                      f"positives (labels={results['kind']}); mean over {len(seeds)} seeds, band: min-max")
     md = out / f"{stem}.md"
     md.write_text("\n".join(lines) + f"\n\nchance R@1: {chance:.1f}%\n")
     return [js, md, png]

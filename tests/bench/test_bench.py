@@ -546,3 +546,30 @@ def test_loss_case_skips_open_clip_when_missing(monkeypatch):
     assert [p.name for p in case.providers(cfgs[0], "cpu", opts)] == ["mmfast[auto]"]
     with pytest.raises(CaseUnavailable, match="--impl 'bogus'"):
         case.check(argparse.Namespace(**{**vars(opts), "impl": "bogus"}))
+
+
+def test_tome_case_training_step_and_providers(tmp_path):
+    # the training-step part and its providers on a tiny ViT (the compiled providers are listed, not run:
+    # compiling a ViT takes minutes on 2 cores)
+    pytest.importorskip("timm")
+    from mmfast.bench.cases import get_case
+
+    case = get_case("tome")
+    opts = case.options(["--models", "vit_tiny_patch16_224", "--batch", "1", "--train-batch", "2", "--parts",
+                         "model,train", "--dtype", "float32"])
+    cfgs = case.configs("cpu", False, opts)
+    assert [(c["part"], c["B"]) for c in cfgs] == [("model", 1), ("train", 2)]
+    names = [p.name for p in case.providers(cfgs[0], "cpu", opts)]
+    assert "tome-ref+compile" in names and "mmfast[auto]+compile" in names
+    train = {p.name: p for p in case.providers(cfgs[1], "cpu", opts)}
+    assert list(train) == ["timm", "tome-ref", "mmfast[auto]"]
+    outs = {name: p.setup()() for name, p in train.items()}
+    for logits, grad in outs.values():
+        assert logits.shape == (2, 1000) and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    # mmfast's ToMe and the plain-torch one: the same model, the same step
+    torch.testing.assert_close(outs["mmfast[auto]"][0], outs["tome-ref"][0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(outs["mmfast[auto]"][1], outs["tome-ref"][1], rtol=1e-3, atol=1e-4)
+    from mmfast.bench.cases.tome_report import summary_markdown
+
+    md = summary_markdown([], "t")
+    assert md.startswith("# t")

@@ -89,3 +89,18 @@ def test_labelled_run_passes_the_labels_to_the_loss(tmp_path, loss, monkeypatch)
 def test_refused_combinations(tmp_path, capsys, args, message):
     assert main([*TINY, *args, "--out", str(tmp_path / "bad")]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_labels_experiment_tool_writes_its_outputs(tmp_path):
+    from mmfast.train import labels_experiment
+
+    model = ["--image-size", "32", "--patch-size", "4", "--width", "32", "--depth", "2", "--heads", "2",
+             "--window-size", "4", "--global-blocks", "1", "--tome-r", "4", "--text-width", "32", "--text-depth",
+             "1", "--text-heads", "2", "--embed-dim", "32", "--threads", "1", "--synthetic-train", "256"]
+    assert labels_experiment.main(["--out", str(tmp_path), "--seeds", "0", "--steps", "2", "--batch-size", "16",
+                                   "--loss", "clip", *model]) == 0
+    data = json.loads((tmp_path / "labels_experiment_clip_caption.json").read_text())
+    assert set(data["runs"]) == {"no labels", "labels=caption"}
+    assert all(len(evals) >= 2 for arm in data["runs"].values() for evals in arm.values())
+    assert (tmp_path / "labels_experiment_clip_caption.png").stat().st_size > 0
+    assert "| labels=caption | 0 |" in (tmp_path / "labels_experiment_clip_caption.md").read_text()

@@ -66,7 +66,6 @@ import argparse
 import contextlib
 import copy
 import functools
-import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -81,8 +80,9 @@ from mmfast.bench.cases import (
     register_case,
     shape_set,
 )
+from mmfast.bench.cases.tome_report import plot_tome, summary_markdown
 from mmfast.bench.harness import BenchResult, Provider, mmfast_backend
-from mmfast.bench.report import csv_list, save_figure, short_dtype, write_summary_and_figure
+from mmfast.bench.report import csv_list, short_dtype, write_summary_and_figure
 
 __all__ = ["ToMeCase", "layer_shapes", "summary_markdown"]
 
@@ -149,8 +149,8 @@ def layer_shapes(num_tokens: int, depth: int, r: int, num_prefix_tokens: int = 1
 def _shape_text(cfg: dict[str, Any]) -> str:
     dt = short_dtype(cfg["dtype"])
     model = MODEL_LABELS.get(cfg["model"], cfg["model"])
-    if cfg["part"] == "model":
-        return f"model {model} B{cfg['B']} r{cfg['r']} {dt}"
+    if cfg["part"] in ("model", "train"):
+        return f"{cfg['part']} {model} B{cfg['B']} r{cfg['r']} {dt}"
     return f"match+merge {model} L{cfg['layer']} B{cfg['B']} N{cfg['N']} r{cfg['r_eff']} {dt}"
 
 
@@ -176,7 +176,12 @@ class ToMeCase(BenchCase):
         parser.add_argument("--models", default=None, help="comma-separated timm model names")
         parser.add_argument("--batch", default=None, help="comma-separated batch sizes")
         parser.add_argument("--r", type=int, default=None, help=f"tokens merged per layer (default {DEFAULT_R})")
-        parser.add_argument("--parts", default="model,merge", help="model (images/s), merge (match+merge share)")
+        parser.add_argument("--parts", default="model,train,merge",
+                            help="model (inference images/s), train (a training step), merge (match+merge share)")
+        parser.add_argument("--train-batch", default=None,
+                            help="comma-separated batch sizes of the training step (default: CPU 4, GPU 64)")
+        parser.add_argument("--no-compile", action="store_true",
+                            help="skip the torch.compile providers (tome-ref+compile, mmfast[<impl>]+compile)")
         parser.add_argument("--layers", default=None, help="comma-separated 1-based layers of the merge share")
         parser.add_argument("--dtype", default=None, help="float32 (CPU default) or float16 (GPU default), bfloat16")
         add_impl_argument(parser, IMPLS)
@@ -189,8 +194,8 @@ class ToMeCase(BenchCase):
         """Fail clearly without timm or mmfast.tome; note the skipped GPU shapes."""
         check_choices("--impl", opts.impl, IMPLS)
         for part in csv_list(str, opts.parts):
-            if part not in ("model", "merge"):
-                raise CaseUnavailable(f"--parts {part!r}: expected model and/or merge")
+            if part not in ("model", "train", "merge"):
+                raise CaseUnavailable(f"--parts {part!r}: expected model, train and/or merge")
         try:
             import timm.models.vision_transformer  # noqa: F401
         except Exception as exc:  # noqa: BLE001
@@ -223,6 +228,12 @@ class ToMeCase(BenchCase):
                 r = opts.r if opts.r is not None else DEFAULT_R.get(m, 16)
                 for b in batches:
                     cfgs.append({"part": "model", "model": m, "B": b, "r": r, "dtype": dtype})
+        if "train" in parts:
+            train_batches = csv_list(int, opts.train_batch) or ([1] if quick else [64 if gpu else 4])
+            for m in models:
+                r = opts.r if opts.r is not None else DEFAULT_R.get(m, 16)
+                for b in train_batches:
+                    cfgs.append({"part": "train", "model": m, "B": b, "r": r, "dtype": dtype})
         if "merge" in parts:
             m = models[0]
             b = batches[0]
@@ -268,6 +279,9 @@ class ToMeCase(BenchCase):
             if _want("tome-ref", "tome-ref", wanted):
                 out.append(Provider("tome-ref", self._model_setup(cfg, device, "ref"),
                                     "apply_patch + explicit softmax + use_backend('reference')"))
+            if not opts.no_compile and _want("tome-ref+compile", "tome-ref", wanted):
+                out.append(Provider("tome-ref+compile", self._model_setup(cfg, device, "ref", compiled=True),
+                                    "torch.compile of the plain-torch ToMe model (explicit softmax, reference ops)"))
             for impl in impls:
                 name = f"mmfast[{impl}]"
                 if _want(name, "mmfast", wanted):
@@ -276,6 +290,18 @@ class ToMeCase(BenchCase):
                 if not opts.no_eager_check and _want(name + "+eager", "mmfast", wanted):
                     out.append(Provider(name + "+eager", self._model_setup(cfg, device, "fused-eager", impl),
                                         f"apply_patch with explicit softmax, kernels impl={impl!r}"))
+                if not opts.no_compile and _want(name + "+compile", "mmfast", wanted):
+                    out.append(Provider(name + "+compile", self._model_setup(cfg, device, "fused", impl, compiled=True),
+                                        f"torch.compile of the apply_patch model, kernels impl={impl!r}"))
+            return out
+        if cfg["part"] == "train":
+            for name, family, kind, impl, desc in (
+                    ("timm", "timm", "timm", "auto", "unmerged timm ViT (SDPA), forward + backward"),
+                    ("tome-ref", "tome-ref", "ref", "reference", "plain-torch ToMe, forward + backward"),
+                    *((f"mmfast[{i}]", "mmfast", "fused", i, f"apply_patch, kernels impl={i!r}, forward + backward")
+                      for i in impls)):
+                if _want(name, family, wanted):
+                    out.append(Provider(name, self._train_setup(cfg, device, kind, impl), desc))
             return out
         # match + merge alone, then the whole block: tome-ref, then one mmfast[<impl>] per --impl
         for block, suffix, ref_desc, mm_desc in (
@@ -333,9 +359,13 @@ class ToMeCase(BenchCase):
             blk.attn.fused_attn = kind == "fused"
         return model
 
-    def _model_setup(self, cfg: dict[str, Any], device: str, kind: str, impl: str = "auto") -> Callable[[], Any]:
+    def _model_setup(self, cfg: dict[str, Any], device: str, kind: str, impl: str = "auto",
+                     compiled: bool = False) -> Callable[[], Any]:
         def setup() -> Callable[[], Any]:
             model = self._patched(cfg, device, kind)
+            if compiled:  # compiled on the warm-up call, under the same backend context as every call
+                torch._dynamo.reset()
+                model = torch.compile(model)
             x = self._cache["images"]
             backend = "reference" if kind == "ref" else impl
             # "+eager": explicit attention, i.e. the CPU attention kernel forced to its reference (the
@@ -347,6 +377,27 @@ class ToMeCase(BenchCase):
             def run() -> torch.Tensor:
                 with torch.inference_mode(), make_ctx():
                     return model(x)
+
+            return run
+
+        return setup
+
+    def _train_setup(self, cfg: dict[str, Any], device: str, kind: str, impl: str) -> Callable[[], Any]:
+        """One training step's compute: forward in train mode, then the gradient of the summed logits
+        with respect to every parameter (``torch.autograd.grad``: nothing accumulates between calls).
+        Returns the logits and the patch embedding's weight gradient (the output check)."""
+
+        def setup() -> Callable[[], Any]:
+            model = self._patched(cfg, device, kind).train()
+            params = list(model.parameters())
+            at = next(i for i, p in enumerate(params) if p is model.patch_embed.proj.weight)
+            x = self._cache["images"]
+
+            def run() -> tuple[torch.Tensor, torch.Tensor]:
+                with mmfast_backend(impl):
+                    out = model(x)
+                    grads = torch.autograd.grad(out.float().sum(), params)
+                return out.detach(), grads[at]
 
             return run
 
@@ -425,134 +476,3 @@ def _depth_tokens(model_name: str) -> tuple[int, int]:
     with torch.device("meta"):
         m = timm.create_model(model_name, pretrained=False)
     return len(m.blocks), m.patch_embed.num_patches + m.num_prefix_tokens
-
-
-def _med(r: BenchResult | None) -> float | None:
-    return None if r is None or r.timing is None else r.timing.median_ms
-
-
-def _min(r: BenchResult | None) -> float | None:
-    return None if r is None or r.timing is None else r.timing.min_ms
-
-
-def summary_markdown(results: list[BenchResult], title: str) -> str:
-    """Images/s and ratios (vs unmerged, vs tome-ref) of the model configurations; the match+merge share."""
-    lines = [f"# {title}", ""]
-    models = [r for r in results if r.params.get("part") == "model"]
-    if models:
-        lines += ["## whole model (inference)", "",
-                  "x unmerged / x tome-ref: that median over this provider's (above 1: faster); (min): the same "
-                  "with the fastest sample of each (less sensitive to other jobs on a shared machine); max abs "
-                  "diff: logits vs tome-ref.", "",
-                  "| configuration | provider | median ms | IQR ms | min ms | images/s | x unmerged | x tome-ref | "
-                  "x unmerged (min) | x tome-ref (min) | peak+ MiB | max abs diff |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for shape in dict.fromkeys(r.shape for r in models):
-            rows = [r for r in models if r.shape == shape]
-            base = {r.provider: r for r in rows}
-            t_unm, t_ref = _med(base.get("timm")), _med(base.get("tome-ref"))
-            m_unm, m_ref = _min(base.get("timm")), _min(base.get("tome-ref"))
-            for r in rows:
-                t, tm = _med(r), _min(r)
-                ips = "-" if t is None else f"{r.params['B'] / (t / 1e3):.2f}"
-                vs_u = "-" if t is None or t_unm is None else f"{t_unm / t:.2f}"
-                vs_r = "-" if t is None or t_ref is None else f"{t_ref / t:.2f}"
-                mvs_u = "-" if tm is None or m_unm is None else f"{m_unm / tm:.2f}"
-                mvs_r = "-" if tm is None or m_ref is None else f"{m_ref / tm:.2f}"
-                lines.append(
-                    f"| {shape} | {r.provider} | {'-' if t is None else f'{t:.1f}'} | "
-                    f"{'-' if r.timing is None else f'{r.timing.iqr_ms:.1f}'} | {'-' if tm is None else f'{tm:.1f}'} | "
-                    f"{ips} | {vs_u} | {vs_r} | {mvs_u} | {mvs_r} | "
-                    f"{'-' if r.peak_extra_bytes is None else f'{r.peak_extra_bytes / 2**20:.1f}'} | "
-                    f"{'-' if r.max_abs_diff is None else f'{r.max_abs_diff:.2e}'} |"
-                    + (f" error: {r.error[:80]}" if r.error else ""))
-            ctrl = base.get("timm+fused-linear")
-            mm = next((r for n, r in base.items() if n.startswith("mmfast[") and "+" not in n), None)
-            if ctrl is not None and mm is not None and _med(ctrl) and _med(mm):
-                lines += ["", f"Merging alone, with the same fused linears in both models ({shape}): "
-                          f"timm+fused-linear / {mm.provider} = {_med(ctrl) / _med(mm):.2f}x (median), "
-                          f"{_min(ctrl) / _min(mm):.2f}x (min); the fused linears alone: timm / timm+fused-linear "
-                          f"= {t_unm / _med(ctrl):.2f}x." if t_unm else ""]
-        lines.append("")
-    merges = [r for r in results if r.params.get("part") == "merge"]
-    if merges:
-        lines += ["## match + merge share of a block (per-layer shapes)", "",
-                  "share = median of merge_tokens (matching + merge) / median of the whole ToMe block of the same "
-                  "provider.", "",
-                  "| layer | tokens | r | ref merge ms | ref block ms | ref share | mmfast merge ms | mmfast block ms "
-                  "| mmfast share | merge x ref | max abs diff |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-        totals = {"rm": 0.0, "rb": 0.0, "mm": 0.0, "mb": 0.0}
-        complete = True
-        for shape in dict.fromkeys(r.shape for r in merges):
-            rows = {r.provider: r for r in merges if r.shape == shape}
-            p = next(iter(rows.values())).params
-            mm_name = next((n for n in rows if n.startswith("mmfast[") and not n.endswith(":block")), None)
-            rm, rb = _med(rows.get("tome-ref")), _med(rows.get("tome-ref:block"))
-            mm = _med(rows.get(mm_name)) if mm_name else None
-            mb = _med(rows.get(f"{mm_name}:block")) if mm_name else None
-            diff = rows[mm_name].max_abs_diff if mm_name else None
-            for k, v in (("rm", rm), ("rb", rb), ("mm", mm), ("mb", mb)):
-                if v is None:
-                    complete = False
-                else:
-                    totals[k] += v
-
-            def f(v: float | None, spec: str = ".2f") -> str:
-                return "-" if v is None else format(v, spec)
-
-            lines.append(
-                f"| {p['layer']} | {p['N']} | {p['r_eff']} | {f(rm)} | {f(rb)} | "
-                f"{f(rm / rb * 100 if rm and rb else None, '.1f')}% | {f(mm)} | {f(mb)} | "
-                f"{f(mm / mb * 100 if mm and mb else None, '.1f')}% | {f(rm / mm if rm and mm else None)} | "
-                f"{'-' if diff is None else f'{diff:.1e}'} |")
-        if complete and len(merges) > 4:
-            lines.append(
-                f"| all | | | {totals['rm']:.2f} | {totals['rb']:.2f} | {totals['rm'] / totals['rb'] * 100:.1f}% | "
-                f"{totals['mm']:.2f} | {totals['mb']:.2f} | {totals['mm'] / totals['mb'] * 100:.1f}% | "
-                f"{totals['rm'] / totals['mm']:.2f} | |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def plot_tome(results: list[BenchResult], path: Path, title: str = "") -> Path:
-    """Images/s per model configuration and provider (left); match+merge share of the block per layer (right)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(12, 4.8))
-    FigureCanvasAgg(fig)
-    ax_t, ax_s = fig.subplots(1, 2)
-    models = [r for r in results if r.params.get("part") == "model"]
-    shapes = list(dict.fromkeys(r.shape for r in models))
-    provs = list(dict.fromkeys(r.provider for r in models))
-    by = {(r.shape, r.provider): r for r in models}
-    width = 0.8 / max(1, len(provs))
-    for i, prov in enumerate(provs):
-        xs = [j + (i - (len(provs) - 1) / 2) * width for j in range(len(shapes))]
-        ips = []
-        for s in shapes:
-            t = _med(by.get((s, prov)))
-            ips.append(math.nan if t is None else by[(s, prov)].params["B"] / (t / 1e3))
-        ax_t.bar(xs, ips, width, label=prov)
-    ax_t.set_xticks(range(len(shapes)))
-    ax_t.set_xticklabels(shapes, rotation=20, ha="right", fontsize=7)
-    ax_t.set_ylabel("images / s")
-    merges = [r for r in results if r.params.get("part") == "merge"]
-    series: dict[str, list[tuple[int, float]]] = {}
-    for shape in dict.fromkeys(r.shape for r in merges):
-        rows = {r.provider: r for r in merges if r.shape == shape}
-        for name, r in rows.items():
-            if name.endswith(":block"):
-                continue
-            t, tb = _med(r), _med(rows.get(f"{name}:block"))
-            if t and tb:
-                series.setdefault(name, []).append((r.params["layer"], 100 * t / tb))
-    for name, pts in series.items():
-        ax_s.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-    ax_s.set_xlabel("layer")
-    ax_s.set_ylabel("match+merge / block time (%)")
-    for ax in (ax_t, ax_s):
-        ax.grid(True, alpha=0.3)
-        if ax.lines or ax.patches:
-            ax.legend(fontsize=8)
-    return save_figure(fig, path, title)

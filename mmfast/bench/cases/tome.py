@@ -1,6 +1,6 @@
-"""``tome``: ToMe token merging on a timm ViT, inference: unmerged vs reference ToMe vs mmfast's kernels.
+"""``tome``: ToMe token merging on a timm ViT: unmerged vs reference ToMe vs mmfast's kernels.
 
-Two kinds of configuration, both under ``torch.inference_mode()``:
+Three kinds of configuration (``--parts``); ``model`` and ``merge`` run under ``torch.inference_mode()``:
 
 ``part=model``: the whole timm ViT (random weights, eval), images/s. Providers:
 
@@ -21,7 +21,17 @@ Two kinds of configuration, both under ``torch.inference_mode()``:
   and the fused linears add;
 * ``timm+fused-linear`` (CPU): the unmerged model with every block's linears through the same
   oneDNN fused linears: the control that separates what merging gives from what the linears give
-  (``x`` it / ``mmfast[auto]`` is the speed-up of merging alone with equal GEMMs).
+  (``x`` it / ``mmfast[auto]`` is the speed-up of merging alone with equal GEMMs);
+* ``tome-ref+compile`` and ``mmfast[<impl>]+compile`` (``--no-compile`` drops them): ``torch.compile``
+  of the ``tome-ref`` model and of the ``mmfast[<impl>]`` one (compiled on the warm-up call, under the
+  same backend context as every timed call), so a plain-torch ToMe gets Inductor's fusions too. The
+  summary gives the faster of mmfast eager and compiled against the faster of ``tome-ref`` eager and
+  compiled.
+
+``part=train``: one training step's compute on the whole model (train mode): forward, then
+``torch.autograd.grad`` of the summed logits with respect to every parameter. Providers ``timm``
+(unmerged), ``tome-ref`` (as above, its reference ops) and ``mmfast[<impl>]``; each returns the logits
+and the patch embedding's weight gradient (the output check against ``tome-ref``).
 
 Every provider returns the logits; ``max|diff|`` is against ``tome-ref``; the ``timm`` row's ratio is
 ``tome-ref``'s time over the unmerged time (so ``1 / ratio`` is reference ToMe's speed-up); the summary
@@ -51,10 +61,11 @@ token (ViT-B/16, ViT-L/14 CLIP) the merges are the same; the original package is
 so this is a reading of its code, not a measurement.
 
 Shapes. CPU (float32): ``vit_base_patch16_224``, batch 8, ``r = 16`` (197 tokens -> 11 after 12
-layers); the merge share at all 12 layers. CUDA (float16): ``vit_base_patch16_224`` (``r = 16``) and
-``vit_large_patch14_clip_224`` (``r = 8``, 257 tokens, 24 layers) at batch 256, 8 and 1; the merge
-share of ViT-B at batch 256, layers 1, 6 and 12. ``--quick``: ViT-B at batch 1, merge share at
-layer 1 only (< 60 s on 2 CPU cores). ``--shapes gpu`` runs the CUDA set on any device.
+layers), the training step at batch 4 (``--train-batch``); the merge share at all 12 layers. CUDA
+(float16): ``vit_base_patch16_224`` (``r = 16``) and ``vit_large_patch14_clip_224`` (``r = 8``, 257
+tokens, 24 layers) at batch 256, 8 and 1, the training step at batch 64; the merge share of ViT-B at
+batch 256, layers 1, 6 and 12. ``--quick``: ViT-B at batch 1 (training step: 1), merge share at layer
+1 only. ``--shapes gpu`` runs the CUDA set on any device.
 
 ``finalize`` writes ``<out>/tome_<device>.png`` (images/s of the model configurations, merge share per
 layer) and ``<out>/tome_summary_<device>.md`` (``_quick`` added for ``--quick``).

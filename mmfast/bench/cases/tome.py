@@ -26,7 +26,8 @@ Three kinds of configuration (``--parts``); ``model`` and ``merge`` run under ``
   of the ``tome-ref`` model and of the ``mmfast[<impl>]`` one (compiled on the warm-up call, under the
   same backend context as every timed call), so a plain-torch ToMe gets Inductor's fusions too. The
   summary gives the faster of mmfast eager and compiled against the faster of ``tome-ref`` eager and
-  compiled.
+  compiled. On CUDA at batch <= 8, ``mmfast[<impl>]+cudagraph``: ``torch.compile(mode="reduce-overhead")``,
+  the forward captured and replayed as a CUDA graph (launch overhead is where ToMe loses at small batch).
 
 ``part=train``: one training step's compute on the whole model (train mode): forward, then
 ``torch.autograd.grad`` of the summed logits with respect to every parameter. Providers ``timm``
@@ -63,7 +64,7 @@ so this is a reading of its code, not a measurement.
 Shapes. CPU (float32): ``vit_base_patch16_224``, batch 8, ``r = 16`` (197 tokens -> 11 after 12
 layers), the training step at batch 4 (``--train-batch``); the merge share at all 12 layers. CUDA
 (float16): ``vit_base_patch16_224`` (``r = 16``) and ``vit_large_patch14_clip_224`` (``r = 8``, 257
-tokens, 24 layers) at batch 256, 8 and 1, the training step at batch 64; the merge share of ViT-B at
+tokens, 24 layers) at batch 256, 8 and 1, the training step at the same batches; the merge share of ViT-B at
 batch 256, layers 1, 6 and 12. ``--quick``: ViT-B at batch 1 (training step: 1), merge share at layer
 1 only. ``--shapes gpu`` runs the CUDA set on any device.
 
@@ -190,7 +191,7 @@ class ToMeCase(BenchCase):
         parser.add_argument("--parts", default="model,train,merge",
                             help="model (inference images/s), train (a training step), merge (match+merge share)")
         parser.add_argument("--train-batch", default=None,
-                            help="comma-separated batch sizes of the training step (default: CPU 4, GPU 64)")
+                            help="comma-separated batch sizes of the training step (default: CPU 4, GPU 256, 8, 1)")
         parser.add_argument("--no-compile", action="store_true",
                             help="skip the torch.compile providers (tome-ref+compile, mmfast[<impl>]+compile)")
         parser.add_argument("--layers", default=None, help="comma-separated 1-based layers of the merge share")
@@ -240,7 +241,7 @@ class ToMeCase(BenchCase):
                 for b in batches:
                     cfgs.append({"part": "model", "model": m, "B": b, "r": r, "dtype": dtype})
         if "train" in parts:
-            train_batches = csv_list(int, opts.train_batch) or ([1] if quick else [64 if gpu else 4])
+            train_batches = csv_list(int, opts.train_batch) or ([1] if quick else [256, 8, 1] if gpu else [4])
             for m in models:
                 r = opts.r if opts.r is not None else DEFAULT_R.get(m, 16)
                 for b in train_batches:
@@ -304,6 +305,12 @@ class ToMeCase(BenchCase):
                 if not opts.no_compile and _want(name + "+compile", "mmfast", wanted):
                     out.append(Provider(name + "+compile", self._model_setup(cfg, device, "fused", impl, compiled=True),
                                         f"torch.compile of the apply_patch model, kernels impl={impl!r}"))
+                if (not opts.no_compile and torch.device(device).type == "cuda" and cfg["B"] <= 8
+                        and _want(name + "+cudagraph", "mmfast", wanted)):
+                    # small batches lose to launch overhead: the whole forward replayed as one CUDA graph
+                    out.append(Provider(name + "+cudagraph",
+                                        self._model_setup(cfg, device, "fused", impl, compiled="reduce-overhead"),
+                                        f"torch.compile(mode='reduce-overhead') of apply_patch, impl={impl!r}"))
             return out
         if cfg["part"] == "train":
             for name, family, kind, impl, desc in (
@@ -371,12 +378,14 @@ class ToMeCase(BenchCase):
         return model
 
     def _model_setup(self, cfg: dict[str, Any], device: str, kind: str, impl: str = "auto",
-                     compiled: bool = False) -> Callable[[], Any]:
+                     compiled: bool | str = False) -> Callable[[], Any]:
+        """``compiled``: False, True (``torch.compile``) or a ``torch.compile`` mode."""
+
         def setup() -> Callable[[], Any]:
             model = self._patched(cfg, device, kind)
             if compiled:  # compiled on the warm-up call, under the same backend context as every call
                 torch._dynamo.reset()
-                model = torch.compile(model)
+                model = torch.compile(model, mode=compiled if isinstance(compiled, str) else None)
             x = self._cache["images"]
             backend = "reference" if kind == "ref" else impl
             # "+eager": explicit attention, i.e. the CPU attention kernel forced to its reference (the
@@ -387,7 +396,9 @@ class ToMeCase(BenchCase):
 
             def run() -> torch.Tensor:
                 with torch.inference_mode(), make_ctx():
-                    return model(x)
+                    out = model(x)
+                # a CUDA graph's output is overwritten by its next replay
+                return out.clone() if isinstance(compiled, str) else out
 
             return run
 

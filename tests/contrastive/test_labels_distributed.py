@@ -207,3 +207,40 @@ def test_labels_add_only_o_wb_integers_to_a_step():
             wire = res[0][s + "+labels"]["wire_bytes"] - res[0][s]["wire_bytes"]
             # all ranks; TCP/IP and gloo headers on top of the payload, the bracket's noise
             assert abs(wire - w * extra) <= 0.5 * w * extra + 16384, (s, wire, w * extra)
+
+
+def _local_gwg(rank, world):
+    import mmfast
+
+    sizes = [5] * world
+    image, text = _features(sizes, 8, seed=13)[rank]
+    labels = _labels(sizes, 4, seed=13)[rank]
+    scale, bias = torch.tensor(15.0, dtype=torch.float64), torch.tensor(-1.0, dtype=torch.float64)
+    out = {}
+    for exchange in ("gather", "ring"):
+        fn = mmfast.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world, group_size=1,
+                             exchange=exchange)
+        out[exchange] = _grads(fn, image, text, scale, bias, labels)
+    return out
+
+
+def test_local_loss_gather_with_grad_is_the_global_labelled_loss():
+    # equal batches: the mean of the ranks' losses is the global labelled loss, and each rank's feature
+    # gradient is W times the global loss's gradient on its slice
+    from mmfast.reference.contrastive import clip_loss_labelled
+
+    w = 3
+    results = run_distributed(_local_gwg, w, timeout=120)
+    feats, labels = _features([5] * w, 8, seed=13), torch.cat(_labels([5] * w, 4, seed=13))
+    image = torch.cat([f[0] for f in feats]).requires_grad_()
+    text = torch.cat([f[1] for f in feats]).requires_grad_()
+    loss = clip_loss_labelled(image, text, image, text, torch.tensor(15.0, dtype=torch.float64),
+                              torch.tensor(-1.0, dtype=torch.float64), labels, labels)
+    g_image, g_text = torch.autograd.grad(loss, [image, text])
+    for exchange in ("gather", "ring"):
+        mean = sum(r[exchange][0] for r in results) / w
+        assert max_rel_err(mean, loss.detach()) < 1e-12, exchange
+        for rank, r in enumerate(results):
+            rows = slice(5 * rank, 5 * rank + 5)
+            assert max_rel_err(r[exchange][1][0], w * g_image[rows]) < 1e-10, (exchange, rank)
+            assert max_rel_err(r[exchange][1][1], w * g_text[rows]) < 1e-10, (exchange, rank)

@@ -375,21 +375,25 @@ def simulate_ranks(loss_name: Literal["clip", "siglip"], features_per_rank: list
 
     losses: list[Tensor] = []
     for r in range(world):
-        if all_labels is not None:
-            losses.append(_labelled_rank_loss(loss_name, r, world, images, texts, scales[r], biases[r], gathered,
-                                              labels_per_rank, all_labels, local_loss))
-            continue
+        # rank r's rows and columns, the column of row 0's positive, the rows' labels
+        own_labels = None if all_labels is None else labels_per_rank[r]
         if loss_name == "siglip":
-            loss = siglip_loss(images[r], texts[r], scales[r], biases[r],
-                               text_cols=torch.cat(texts), positive_offset=starts[r])
+            rows, cols, offset = (images[r], texts[r]), (None, torch.cat(texts)), starts[r]
         elif world == 1:
-            loss = clip_loss(images[0], texts[0], images[0], texts[0], scales[0], biases[0])
+            rows, cols, offset = (images[0], texts[0]), (images[0], texts[0]), 0
         elif local_loss:
-            loss = clip_loss(images[r], texts[r], gathered(images, r), gathered(texts, r),
-                             scales[r], biases[r], label_offset=starts[r])
+            rows, cols, offset = (images[r], texts[r]), (gathered(images, r), gathered(texts, r)), starts[r]
         else:
-            all_images, all_texts = gathered(images, r), gathered(texts, r)
-            loss = clip_loss(all_images, all_texts, all_images, all_texts, scales[r], biases[r])
+            rows = cols = (gathered(images, r), gathered(texts, r))
+            offset, own_labels = 0, all_labels
+        if loss_name == "siglip" and all_labels is None:
+            loss = siglip_loss(*rows, scales[r], biases[r], text_cols=cols[1], positive_offset=offset)
+        elif loss_name == "siglip":
+            loss = siglip_loss_labelled(rows[0], cols[1], scales[r], biases[r], own_labels, all_labels)
+        elif all_labels is None:
+            loss = clip_loss(*rows, *cols, scales[r], biases[r], label_offset=offset)
+        else:
+            loss = clip_loss_labelled(*rows, *cols, scales[r], biases[r], own_labels, all_labels)
         losses.append(loss)
 
     # Rank q's loss only reaches leaves that the real communication would route to, so one backward of
@@ -405,17 +409,3 @@ def simulate_ranks(loss_name: Literal["clip", "siglip"], features_per_rank: list
         for r in range(world)
     ]
 
-
-def _labelled_rank_loss(loss_name, r, world, images, texts, scale, bias, gathered, labels_per_rank, all_labels,
-                        local_loss):
-    """Rank ``r``'s labelled loss in :func:`simulate_ranks`, with the same gradient routing as the
-    unlabelled one (``gathered``)."""
-    if loss_name == "siglip":
-        return siglip_loss_labelled(images[r], torch.cat(texts), scale, bias, labels_per_rank[r], all_labels)
-    if world == 1:
-        return clip_loss_labelled(images[0], texts[0], images[0], texts[0], scale, bias, all_labels, all_labels)
-    if local_loss:
-        return clip_loss_labelled(images[r], texts[r], gathered(images, r), gathered(texts, r), scale, bias,
-                                  labels_per_rank[r], all_labels)
-    all_images, all_texts = gathered(images, r), gathered(texts, r)
-    return clip_loss_labelled(all_images, all_texts, all_images, all_texts, scale, bias, all_labels, all_labels)

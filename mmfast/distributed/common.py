@@ -104,6 +104,16 @@ def offsets(sizes: list[int]) -> list[int]:
     return out
 
 
+def unpad(padded: Tensor, sizes: list[int], ranks: list[int]) -> Tensor:
+    """The real rows of ``padded``: blocks of ``max(sizes)`` rows, one per rank of ``ranks`` in that
+    order, rank ``r``'s first ``sizes[r]`` rows real (``padded`` itself when no block is padded)."""
+    bmax = max(sizes)
+    if all(sizes[r] == bmax for r in ranks):
+        return padded
+    idx = [r0 * bmax + i for r0, r in enumerate(ranks) for i in range(sizes[r])]
+    return padded.index_select(0, torch.tensor(idx, device=padded.device))
+
+
 def merge_lse(lse_a: Tensor | None, el_a: Tensor | None, lse_b: Tensor, el_b: Tensor) -> tuple[Tensor, Tensor]:
     """Merge two (log-sum-exp, softmax-mean logit) partials of the same rows over disjoint columns."""
     if lse_a is None:

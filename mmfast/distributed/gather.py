@@ -65,10 +65,7 @@ class _TextExchange:
 
     def compact(self, padded: Tensor, ranks: list[int]) -> Tensor:
         """Rows of ``ranks`` without padding, from blocks of ``bmax`` rows in the order of ``ranks``."""
-        if not self.uneven:
-            return padded
-        idx = [r0 * self.bmax + i for r0, r in enumerate(ranks) for i in range(self.sizes[r])]
-        return padded.index_select(0, torch.tensor(idx, device=padded.device))
+        return common.unpad(padded, self.sizes, ranks) if self.uneven else padded
 
     def own(self) -> Tensor:
         """The texts of this rank's column (ranks j * g + p), compact, in that rank order."""

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from mmfast.distributed import common
 from mmfast.distributed.groups import GroupLayout
 
 #: rows per slice when a [rows, D] temporary is formed from a block (a bound on its size)
@@ -37,8 +38,7 @@ class GlobalLabels:
             mine = torch.cat([mine, mine.new_zeros(bmax - mine.shape[0])])
         padded = mine.new_empty(layout.world_size * bmax)
         dist.all_gather_into_tensor(padded, mine, group=layout.group)
-        keep = torch.cat([torch.arange(r * bmax, r * bmax + s, device=labels.device) for r, s in enumerate(sizes)])
-        everyone = padded.index_select(0, keep)
+        everyone = common.unpad(padded, sizes, list(range(layout.world_size)))
         _, col_inv, counts = torch.unique(everyone, return_inverse=True, return_counts=True)
         self.col_count = counts.to(dt).index_select(0, col_inv)  # [N]
         keys, self.inv = torch.unique(labels, return_inverse=True)
